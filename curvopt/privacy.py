@@ -233,6 +233,7 @@ def padded_batch_size(num_examples: int, sample_rate: float, overflow_prob: floa
   Examples:
     >>> padded_batch_size(1000, 1.0)
     1000
+
     A mean of 100 with standard deviation 10 needs 6.5 standard deviations of room:
 
     >>> padded_batch_size(60000, 100 / 60000)
