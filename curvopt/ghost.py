@@ -1,0 +1,317 @@
+r"""Ghost clipping: per-example gradient norms without per-example gradients.
+
+For a dense layer :math:`y = x W` applied to one example's rows :math:`x_i \in
+\mathbb{R}^{N\times K}` (``N = 1`` for a vector, ``N = T`` for a sequence), the example's
+gradient is :math:`x_i^\top \delta_i` with :math:`\delta_i = \partial \ell_i / \partial y_i`,
+and its squared Frobenius norm needs neither that matrix nor any other example's:
+
+.. math::
+  \|x_i^\top \delta_i\|_F^2 = \langle x_i x_i^\top, \delta_i \delta_i^\top \rangle
+  \;(= \|x_i\|^2 \|\delta_i\|^2 \text{ when } N = 1).
+
+The Gram form costs :math:`N^2 (K + P)`, the direct product :math:`N K P`; the cheaper is used.
+A convolution is the same identity on its unfolded input patches, an embedding lookup uses
+:math:`\sum_{t,s} [\mathrm{id}_t = \mathrm{id}_s] \langle \delta_t, \delta_s \rangle`, and
+elementwise parameters (biases, scales) have gradients the size of the parameter, summed from
+:math:`\delta_i` directly.
+
+:func:`ghost_clipped_sum` finds those layers by tracing the one-example loss to a jaxpr (see
+:mod:`curvopt._ghost_jaxpr`), gets every :math:`x_i` and :math:`\delta_i` from one batched
+forward pass and one backward pass through the activations (no parameter gradient is formed),
+computes the per-example squared norms, asks the caller for per-example weights, and forms
+:math:`\sum_i w_i x_i^\top \delta_i` as one contraction per layer — the cost of one ordinary
+gradient. Parameters used any other way (twice, inside a custom-derivative call or control flow,
+through a nonlinearity) get exact per-example gradients for those leaves only, with a warning
+that names them.
+"""
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from curvopt import _ghost_jaxpr
+
+Params = Any
+Batch = Any
+WeightFn = Callable[[Any], Any]
+
+
+def ghost_clipped_sum(
+  loss_fn: Callable[[Params, Any], jax.Array],
+  params: Params,
+  batch: Batch,
+  weight_fn: WeightFn,
+) -> tuple[Params, Params]:
+  r"""Per-example squared gradient norms and the weighted gradient sum, by ghost clipping.
+
+  With :math:`g_i = \nabla_\theta \ell(\theta, z_i)` for the examples :math:`z_i` of
+  ``batch``, returns, leaf by leaf, :math:`s_i = \|g_i\|^2` and :math:`\sum_i w_i g_i` with
+  ``w = weight_fn(s)``, without materialising any :math:`g_i` for dense, convolution,
+  embedding and elementwise (bias, scale) parameters. Used by
+  ``curvopt.per_example.clipped_grad(..., method="ghost")``, which supplies the clipping
+  weights; an example whose weight is 0 contributes exactly 0, even if its values are NaN.
+
+  Args:
+    loss_fn: ``loss_fn(params, example) -> scalar`` for ONE example.
+    params: pytree of arrays.
+    batch: pytree whose leaves all have the same leading (example) axis ``B``.
+    weight_fn: maps the squared norms (``params``' structure, leaves of shape ``(B,)``) to
+      weights of the same structure and shapes.
+
+  Returns:
+    ``(weighted_sum, sq_norms)``: ``weighted_sum`` has ``params``' structure;
+    ``sq_norms`` has ``params``' structure with leaves of shape ``(B,)``.
+
+  Raises:
+    ValueError: if the batch leaves disagree on the leading axis or ``loss_fn`` is not scalar.
+
+  Examples:
+    A linear model :math:`\ell_i = x_i^\top w`: :math:`g_i = x_i`, so the squared norms are
+    :math:`\|x_i\|^2` and unit weights give :math:`\sum_i x_i`.
+
+    >>> x = jnp.array([[3.0, 4.0], [1.0, 0.0]])
+    >>> total, sq = ghost_clipped_sum(
+    ...   lambda w, xi: xi @ w, jnp.zeros(2), x, lambda s: jax.tree.map(jnp.ones_like, s))
+    >>> sq.tolist(), total.tolist()
+    ([25.0, 1.0], [4.0, 4.0])
+
+  References:
+    Goodfellow, "Efficient per-example gradient computations", arXiv:1510.01799, 2015.
+    Li, Tramèr, Liang, Hashimoto, "Large language models can be strong differentially private
+    learners", ICLR 2022. Bu, Mao, Xu, "Scalable and efficient training of large convolutional
+    neural networks with differential privacy" (book-keeping), NeurIPS 2022.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  batch_leaves = jax.tree.leaves(batch)
+  if not batch_leaves:
+    raise ValueError("ghost_clipped_sum needs a batch with at least one array leaf.")
+  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in batch_leaves}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError(
+      f"Every leaf of batch needs the same leading (example) axis; got leading sizes {sizes}."
+    )
+  (num_examples,) = sizes
+
+  def flat_loss(flat_params, example):
+    return loss_fn(jax.tree.unflatten(treedef, flat_params), example)
+
+  example_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
+  leaf_spec = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves]
+  closed, out_shape = jax.make_jaxpr(flat_loss, return_shape=True)(leaf_spec, example_spec)
+  if out_shape.shape != ():
+    raise ValueError(
+      f"loss_fn must return one scalar per example; it returned shape {out_shape.shape}. "
+      "Reduce it (e.g. .sum() or .mean()) over the example's own axes."
+    )
+  plan = _ghost_jaxpr.find_sites(closed.jaxpr, len(leaves))
+  if plan.unsupported:
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    names = "; ".join(f"params{paths[i]} ({why})" for i, why in plan.unsupported.items())
+    warnings.warn(
+      f"ghost clipping has no norm rule for {names}: their per-example gradients are computed "
+      "exactly (as by vmap), which costs memory and time per example for those leaves only.",
+      stacklevel=2,
+    )
+  sites = {site.key: site for site in plan.sites.values()}
+  fallback = sorted(plan.unsupported)
+
+  def one_example(fb_leaves, example, probes):
+    flat = list(leaves)
+    for i, x in zip(fallback, fb_leaves, strict=True):
+      flat[i] = x
+    args = [*flat, *jax.tree.leaves(example)]
+    (loss,), data = _ghost_jaxpr.run_instrumented(closed.jaxpr, closed.consts, args, sites, probes)
+    return loss, data
+
+  batched = jax.vmap(one_example)
+  probes = {
+    key: jnp.zeros((num_examples, *s.out_aval.shape), s.out_aval.dtype) for key, s in sites.items()
+  }
+  fb_copies = [jnp.broadcast_to(leaves[i], (num_examples, *jnp.shape(leaves[i]))) for i in fallback]
+  losses, vjp_fn, data = jax.vjp(
+    lambda fb, pr: batched(fb, batch, pr), fb_copies, probes, has_aux=True
+  )
+  fb_grads, deltas = vjp_fn(jnp.ones_like(losses))
+
+  sq = [jnp.zeros((num_examples,), _norm_dtype(leaf)) for leaf in leaves]
+  for leaf, site in plan.sites.items():
+    sq[leaf] = _site_sq_norm(site, data[site.key], deltas[site.key], leaves[leaf])
+  for i, g in zip(fallback, fb_grads, strict=True):
+    sq[i] = jnp.sum(jnp.square(g).reshape(num_examples, -1), axis=1)
+  sq_norms = jax.tree.unflatten(treedef, sq)
+
+  weights = jax.tree.leaves(weight_fn(sq_norms))
+  if len(weights) != len(leaves):
+    raise ValueError(
+      f"weight_fn must return a pytree with params' structure; it returned {len(weights)} "
+      f"leaves for {len(leaves)} parameter leaves."
+    )
+  total = [jnp.zeros_like(leaf) for leaf in leaves]
+  for leaf, site in plan.sites.items():
+    total[leaf] = _site_weighted_sum(
+      site, data[site.key], deltas[site.key], weights[leaf], leaves[leaf]
+    )
+  for i, g in zip(fallback, fb_grads, strict=True):
+    w = weights[i]
+    keep = _expand(w != 0, g.ndim)
+    g = jnp.where(keep, g, 0)
+    total[i] = jnp.tensordot(jnp.where(w != 0, w, 0).astype(g.dtype), g, axes=1)
+  return jax.tree.unflatten(treedef, total), sq_norms
+
+
+def _norm_dtype(leaf):
+  dtype = jnp.result_type(leaf)
+  return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
+
+
+def _expand(mask, ndim):
+  return mask.reshape(mask.shape + (1,) * (ndim - mask.ndim))
+
+
+def _clean(data, keep):
+  return [None if x is None else jnp.where(_expand(keep, jnp.ndim(x)), x, 0) for x in data]
+
+
+def _batched_op(site, data):
+  """``operand -> [site.op_fn(data_i, operand) for each example i]``, one batched call."""
+  axes = [None if x is None else 0 for x in data]
+
+  def op(operand):
+    return jax.vmap(lambda d: site.op_fn(d, operand), in_axes=(axes,))(data)
+
+  return op
+
+
+def _site_weighted_sum(site, data, delta, w, leaf):
+  r""":math:`\sum_i w_i g_i` for one leaf, as one transposed (weight-gradient) contraction."""
+  keep = w != 0
+  data = _clean(data, keep)
+  w_delta = jnp.where(
+    _expand(keep, delta.ndim), _expand(w.astype(delta.dtype), delta.ndim) * delta, 0
+  )
+  op = _batched_op(site, data)
+  _, vjp_fn = jax.vjp(lambda p: op(site.chain_fn(p)), leaf)
+  (total,) = vjp_fn(w_delta)
+  return total
+
+
+def _site_sq_norm(site, data, delta, leaf):
+  if site.kind == "dot":
+    a, d = _dot_factors(site, data, delta)
+  elif site.kind == "conv":
+    a, d = _conv_factors(site, data, delta)
+  elif site.kind == "gather":
+    return _gather_sq_norm(site, data, delta, leaf)
+  else:
+    return _elementwise_sq_norm(site, data, delta, leaf)
+  return _product_sq_norm(a, d)
+
+
+def _product_sq_norm(a, d):
+  r""":math:`\sum_g \|a_g^\top d_g\|_F^2` per example, ``a: (B, G, N, K)``, ``d: (B, G, N, P)``."""
+  n, k, p = a.shape[2], a.shape[3], d.shape[3]
+  if n == 1:
+    sq = jnp.sum(jnp.square(a), axis=(2, 3)) * jnp.sum(jnp.square(d), axis=(2, 3))
+  elif n * (k + p) < k * p:
+    gram_a = jnp.einsum("bgnk,bgmk->bgnm", a, a)
+    gram_d = jnp.einsum("bgnp,bgmp->bgnm", d, d)
+    sq = jnp.sum(gram_a * gram_d, axis=(2, 3))
+  else:
+    sq = jnp.sum(jnp.square(jnp.einsum("bgnk,bgnp->bgkp", a, d)), axis=(2, 3))
+  return jnp.sum(sq, axis=1)
+
+
+def _dot_factors(site, data, delta):
+  """Data and cotangent of a ``dot_general`` site as ``(B, G, N, K)`` and ``(B, G, N, P)``."""
+  (lhs_c, rhs_c), (lhs_b, rhs_b) = site.eqn.params["dimension_numbers"]
+  a_pos = 1 - site.param_pos
+  a = data[a_pos]
+  a_c, a_b = (lhs_c, lhs_b) if a_pos == 0 else (rhs_c, rhs_b)
+  p_c = rhs_c if a_pos == 0 else lhs_c
+  a_ndim = a.ndim - 1
+  p_ndim = site.eqn.invars[site.param_pos].aval.ndim
+  a_free = [i for i in range(a_ndim) if i not in a_c and i not in a_b]
+  n_batch, n_a_free = len(a_b), len(a_free)
+  n_p_free = p_ndim - len(p_c) - n_batch
+  out_a = list(range(n_batch, n_batch + n_a_free))
+  out_p = list(range(n_batch + n_a_free, n_batch + n_a_free + n_p_free))
+  if a_pos == 1:  # parameter on the left: its free dimensions come first in the output
+    out_p = list(range(n_batch, n_batch + n_p_free))
+    out_a = list(range(n_batch + n_p_free, n_batch + n_p_free + n_a_free))
+  b = a.shape[0]
+  a = jnp.transpose(a, [0, *(1 + i for i in (*a_b, *a_free, *a_c))])
+  g = _size(a.shape[1 : 1 + n_batch])
+  n = _size(a.shape[1 + n_batch : 1 + n_batch + n_a_free])
+  a = a.reshape(b, g, n, -1)
+  d = jnp.transpose(delta, [0, *(1 + i for i in (*range(n_batch), *out_a, *out_p))])
+  d = d.reshape(b, g, n, -1)
+  return a, d
+
+
+def _size(shape):
+  out = 1
+  for s in shape:
+    out *= s
+  return out
+
+
+def _conv_factors(site, data, delta):
+  """Unfolded input patches ``(B, 1, N, K)`` and output cotangent ``(B, 1, N, C_out)``."""
+  params = site.eqn.params
+  dn = params["dimension_numbers"]
+  kernel_aval = site.eqn.invars[1].aval
+  filter_shape = [kernel_aval.shape[i] for i in dn.rhs_spec[2:]]
+
+  def patches(lhs):
+    return lax.conv_general_dilated_patches(
+      lhs,
+      filter_shape=filter_shape,
+      window_strides=params["window_strides"],
+      padding=params["padding"],
+      lhs_dilation=params["lhs_dilation"],
+      rhs_dilation=params["rhs_dilation"],
+      dimension_numbers=dn,
+      precision=params["precision"],
+    )
+
+  a = jax.vmap(patches)(data[0])
+  b = a.shape[0]
+  feature = 1 + dn.out_spec[1]
+  a = jnp.moveaxis(a, feature, -1).reshape(b, 1, -1, a.shape[feature])
+  d = jnp.moveaxis(delta, feature, -1).reshape(b, 1, -1, delta.shape[feature])
+  return a, d
+
+
+def _gather_sq_norm(site, data, delta, leaf):
+  r"""Embedding rows: :math:`\sum_{t,s} [id_t = id_s] \langle \delta_t, \delta_s \rangle`."""
+  idx = data[1]
+  b = idx.shape[0]
+  table_rows = site.eqn.invars[0].aval.shape[0]
+  ids = idx.reshape(b, -1)
+  d = delta.reshape(b, ids.shape[1], -1)
+  mode = site.eqn.params["mode"]
+  if "FILL_OR_DROP" in str(mode):
+    valid = (ids >= 0) & (ids < table_rows)
+  else:
+    ids = jnp.clip(ids, 0, table_rows - 1)
+    valid = jnp.ones_like(ids, dtype=bool)
+  d = jnp.where(valid[..., None], d, 0)
+  same = (ids[:, :, None] == ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+  gram_d = jnp.einsum("btp,bsp->bts", d, d)
+  return jnp.sum(jnp.where(same, gram_d, 0), axis=(1, 2)).astype(_norm_dtype(leaf))
+
+
+def _elementwise_sq_norm(site, data, delta, leaf):
+  """Biases and scales: the per-example gradient is the size of the parameter; form it."""
+
+  def grad_i(data_i, delta_i):
+    _, vjp_fn = jax.vjp(lambda p: site.op_fn(data_i, site.chain_fn(p)), leaf)
+    return vjp_fn(delta_i)[0]
+
+  axes = [None if x is None else 0 for x in data]
+  g = jax.vmap(grad_i, in_axes=(axes, 0))(data, delta)
+  return jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)
