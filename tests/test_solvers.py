@@ -1,0 +1,168 @@
+"""Tests for curvopt.solvers against dense linear algebra and a NumPy reference CG."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from curvopt.solvers import CG_STATUSES, conjugate_gradient
+
+
+def _spd(n, cond, seed, dtype=np.float64):
+  rng = np.random.default_rng(seed)
+  q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+  return ((q * np.geomspace(1.0, cond, n)) @ q.T).astype(dtype)
+
+
+def _numpy_cg(a, b, steps):
+  """Plain CG in NumPy, returning every iterate (the reference for stopping rules)."""
+  x, r = np.zeros_like(b), b.copy()
+  p, rz = r.copy(), r @ r
+  iterates = [x.copy()]
+  for _ in range(steps):
+    ap = a @ p
+    alpha = rz / (p @ ap)
+    x = x + alpha * p
+    r = r - alpha * ap
+    rz_new = r @ r
+    p = r + rz_new / rz * p
+    rz = rz_new
+    iterates.append(x.copy())
+  return iterates
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-9), (np.float32, 1e-3)])
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_solves_spd_system_on_pytrees(dtype, rtol, use_jit):
+  a = _spd(12, 50.0, 0, dtype)
+  b = np.random.default_rng(1).normal(size=12).astype(dtype)
+  split = lambda v: {"w": v[:8].reshape(2, 4), "b": v[8:]}
+  join = lambda t: jnp.concatenate([t["w"].ravel(), t["b"]])
+  matvec = lambda t: split(jnp.asarray(a) @ join(t))
+  solve = lambda rhs: conjugate_gradient(matvec, rhs, tol=1e-12 if dtype == np.float64 else 1e-6)
+  result = (jax.jit(solve) if use_jit else solve)(split(jnp.asarray(b)))
+  np.testing.assert_allclose(join(result.x), np.linalg.solve(a, b), rtol=rtol, atol=rtol)
+  assert join(result.x).dtype == dtype
+  assert bool(result.converged) and CG_STATUSES[int(result.status)] == "residual"
+  x = np.asarray(join(result.x), np.float64)
+  phi = 0.5 * x @ a @ x - b @ x
+  np.testing.assert_allclose(result.quadratic_value, phi, rtol=10 * rtol)
+
+
+def test_preconditioner_same_solution_fewer_steps():
+  rng = np.random.default_rng(2)
+  scales = np.geomspace(1.0, 1e4, 30)
+  a = np.diag(scales) + 0.1 * _spd(30, 2.0, 3)
+  b = rng.normal(size=30)
+  plain = conjugate_gradient(lambda v: jnp.asarray(a) @ v, jnp.asarray(b), tol=1e-10)
+  diag = jnp.asarray(np.diag(a))
+  pre = conjugate_gradient(
+    lambda v: jnp.asarray(a) @ v, jnp.asarray(b), preconditioner=lambda r: r / diag, tol=1e-10
+  )
+  np.testing.assert_allclose(pre.x, np.linalg.solve(a, b), rtol=1e-7)
+  np.testing.assert_allclose(plain.x, np.linalg.solve(a, b), rtol=1e-7)
+  assert int(pre.num_steps) < int(plain.num_steps)
+
+
+def test_steihaug_first_iteration_returns_steepest_descent():
+  b = jnp.array([2.0, 0.1, -0.1])
+  result = conjugate_gradient(lambda v: jnp.array([-1.0, 2.0, 3.0]) * v, b)
+  np.testing.assert_array_equal(result.x, b)
+  assert bool(result.negative_curvature) and int(result.num_steps) == 1
+  # phi(b) = 0.5 b.Ab - b.b, computed densely.
+  expected = 0.5 * b @ (jnp.array([-1.0, 2.0, 3.0]) * b) - b @ b
+  np.testing.assert_allclose(result.quadratic_value, expected)
+
+
+def test_steihaug_later_iteration_keeps_last_good_iterate():
+  # Positive curvature on the first Krylov directions, negative on a weakly excited one.
+  eigs = np.array([1.0, 2.0, 3.0, -0.5])
+  a = np.diag(eigs)
+  b = np.array([1.0, 1.0, 1.0, 1e-3])
+  result = conjugate_gradient(lambda v: jnp.asarray(a) @ v, jnp.asarray(b), tol=0.0)
+  assert bool(result.negative_curvature)
+  k = int(result.selected_step)
+  assert 0 < k < int(result.num_steps)
+  # The returned iterate is the NumPy CG iterate at the selected step, with phi decreasing.
+  iterates = _numpy_cg(a, b, k)
+  np.testing.assert_allclose(result.x, iterates[k], rtol=1e-10)
+  phis = [0.5 * x @ a @ x - b @ x for x in iterates]
+  assert all(np.diff(phis) < 0)
+  np.testing.assert_allclose(result.quadratic_value, phis[-1], rtol=1e-10)
+
+
+def test_martens_progress_rule_matches_reference():
+  a = _spd(200, 1e3, 4)
+  b = np.random.default_rng(5).normal(size=200)
+  eps, window = 5e-3, 10
+  result = conjugate_gradient(
+    lambda v: jnp.asarray(a) @ v,
+    jnp.asarray(b),
+    tol=0.0,
+    progress_tol=eps,
+    progress_window=window,
+    max_steps=150,
+  )
+  phis = [0.5 * x @ a @ x - b @ x for x in _numpy_cg(a, b, 150)]
+  expected = next(
+    k
+    for k in range(1, 151)
+    if k > (s := max(window, int(np.ceil(0.1 * k))))
+    and phis[k] < 0
+    and (phis[k] - phis[k - s]) / phis[k] < s * eps
+  )
+  assert CG_STATUSES[int(result.status)] == "progress"
+  assert int(result.num_steps) == expected
+
+
+def test_warm_start_used_only_when_it_improves_on_zero():
+  a = _spd(6, 10.0, 6)
+  b = np.random.default_rng(7).normal(size=6)
+  solution = np.linalg.solve(a, b)
+  matvec = lambda v: jnp.asarray(a) @ v
+  exact = conjugate_gradient(matvec, jnp.asarray(b), jnp.asarray(solution), tol=1e-8)
+  assert int(exact.num_steps) == 0
+  np.testing.assert_allclose(exact.x, solution)
+  cold = conjugate_gradient(matvec, jnp.asarray(b), tol=1e-10)
+  bad = conjugate_gradient(matvec, jnp.asarray(b), jnp.asarray(-10 * solution), tol=1e-10)
+  np.testing.assert_allclose(bad.x, cold.x, rtol=1e-12)
+  assert int(bad.num_steps) == int(cold.num_steps)
+
+
+def test_backtracking_returns_best_saved_iterate():
+  a = _spd(40, 1e3, 8)
+  b = np.random.default_rng(9).normal(size=40)
+  iterates = _numpy_cg(a, b, 30)
+  target = iterates[5] + 1e-3  # an objective minimised near an early iterate
+  objective = lambda x: jnp.sum((x - target) ** 2)
+  result = conjugate_gradient(
+    lambda v: jnp.asarray(a) @ v, jnp.asarray(b), tol=0.0, max_steps=30, backtrack_fn=objective
+  )
+  saved = sorted({int(np.ceil(1.3**j)) for j in range(20) if np.ceil(1.3**j) <= 30})
+  values = {k: float(np.sum((iterates[k] - target) ** 2)) for k in [*saved, 30]}
+  best = min(values, key=values.get)
+  assert int(result.selected_step) == best == 5
+  np.testing.assert_allclose(result.x, iterates[best], rtol=1e-9)
+
+
+def test_nonfinite_operator_reports_status_and_stays_finite():
+  result = conjugate_gradient(lambda v: v * jnp.nan, jnp.ones(3))
+  assert CG_STATUSES[int(result.status)] == "nonfinite"
+  assert not bool(result.converged)
+  np.testing.assert_array_equal(result.x, np.zeros(3))
+
+
+def test_zero_rhs_and_vmap():
+  result = conjugate_gradient(lambda v: 2.0 * v, jnp.zeros(3))
+  assert int(result.num_steps) == 0 and bool(result.converged)
+  np.testing.assert_array_equal(result.x, np.zeros(3))
+  bs = jnp.arange(6.0).reshape(2, 3) + 1.0
+  xs = jax.vmap(lambda b: conjugate_gradient(lambda v: 2.0 * v, b).x)(bs)
+  np.testing.assert_allclose(xs, bs / 2)
+
+
+def test_misuse_raises():
+  with pytest.raises(ValueError, match="max_steps"):
+    conjugate_gradient(lambda v: v, jnp.ones(2), max_steps=0)
+  with pytest.raises(ValueError, match="x0"):
+    conjugate_gradient(lambda v: v, jnp.ones(2), {"a": jnp.ones(2)})
