@@ -12,6 +12,7 @@ Run: ``python benchmarks/curvature.py`` (CPU by default; add ``--quick`` for few
 """
 
 import argparse
+import functools
 import os
 import sys
 
@@ -111,7 +112,7 @@ def bench_jacobian_modes(repeats):
     predict = lambda x, w=w, b=b: jnp.tanh(w @ x + b)
     times = {
       mode: median_seconds(
-        jax.tree_util.Partial(jax.jit(curvopt.jacobian(predict, mode=mode)), x), repeats=repeats
+        functools.partial(jax.jit(curvopt.jacobian(predict, mode=mode)), x), repeats=repeats
       )
       for mode in ("auto", "fwd", "rev")
     }
