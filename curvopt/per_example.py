@@ -204,7 +204,7 @@ def _chunked_clipped_sum(
     return x.reshape(num_chunks, chunk_size, *x.shape[1:])
 
   chunks = jax.tree.map(pad_and_split, batch)
-  pad_chunks = pad_and_split(jnp.concatenate([is_padding, jnp.ones((extra,), bool)]))
+  pad_chunks = jnp.concatenate([is_padding, jnp.ones((extra,), bool)]).reshape(num_chunks, -1)
 
   def body(total, chunk):
     x, pad = chunk
