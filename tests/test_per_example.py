@@ -242,21 +242,23 @@ def test_clip_per_example_equals_clipped_grad(per_layer):
     assert int(num) == int(state.num_clipped)
 
 
-def test_ghost_method_agrees_with_vmap_or_says_it_is_missing():
-  batch = make_batch(jnp.float64)
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_ghost_method_agrees_with_vmap_or_says_it_is_missing(per_layer):
+  params, batch = init_params(jnp.float64), make_batch(jnp.float64)
   try:
     import curvopt.ghost  # noqa: F401
   except ImportError:
     with pytest.raises(NotImplementedError, match="method='vmap'"):
       clipped_grad(loss_fn, 1.0, method="ghost")
     return
-  lin_loss = lambda p, ex: jnp.sum((ex["x"] @ p["w"] - ex["t"]) ** 2)
-  p = {"w": jax.random.normal(jax.random.key(0), (3, 2), jnp.float64)}
-  data = {"x": batch["x"], "t": jax.random.normal(jax.random.key(1), (B, 2), jnp.float64)}
-  mean_g, norms_g = clipped_grad(lin_loss, 1.0, method="ghost")(p, data)
-  mean_v, norms_v = clipped_grad(lin_loss, 1.0, method="vmap")(p, data)
-  assert_tree_close(mean_g, mean_v, rtol=1e-9)
-  np.testing.assert_allclose(norms_g, norms_v, rtol=1e-9)
+  bad = dict(batch, x=batch["x"].at[2].set(jnp.nan))  # NaN safety through the ghost path too
+  is_padding = jnp.arange(B) == 5
+  ghost = jax.jit(clipped_sum_fn(loss_fn, 1.0, method="ghost", per_layer=per_layer))
+  vmap = clipped_sum_fn(loss_fn, 1.0, method="vmap", per_layer=per_layer)
+  got, ref = ghost(params, bad, is_padding), vmap(params, bad, is_padding)
+  assert_tree_close(got.sum, ref.sum, rtol=1e-10, atol=1e-14)
+  assert_tree_close(got.norms, ref.norms, rtol=1e-10)
+  assert (int(got.num_dropped), int(got.num_clipped)) == (1, int(ref.num_clipped))
 
 
 def test_bad_inputs():
