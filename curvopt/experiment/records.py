@@ -1,0 +1,172 @@
+"""Metrics logging (``metrics.jsonl``) and the summary table (``summary.md``)."""
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+RESERVED = ("optimizer", "seed", "step", "wall_time")
+
+
+def to_python(value: Any) -> Any:
+  """A JSON-safe Python scalar; non-finite floats become ``None`` (strict JSON has no NaN)."""
+  value = np.asarray(value)
+  if value.dtype == np.bool_:
+    return bool(value)
+  if np.issubdtype(value.dtype, np.integer):
+    return int(value)
+  value = float(value)
+  return value if math.isfinite(value) else None
+
+
+class MetricsLog:
+  """Appends one JSON object per evaluation to ``metrics.jsonl``, flushed line by line."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def append(self, record: dict[str, Any]) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+
+  def read(self) -> list[dict[str, Any]]:
+    return read_metrics(self.path)
+
+  def keep(self, predicate) -> None:
+    """Rewrites the log keeping only records for which ``predicate(record)`` holds."""
+    kept = [r for r in self.read() if predicate(r)]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, self.path)
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+  """The records of a ``metrics.jsonl`` file (a torn last line from a kill is skipped)."""
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records
+
+
+def group(records: Iterable[dict]) -> dict[str, dict[int, list[dict]]]:
+  """``{optimizer: {seed: [records sorted by step]}}``, keeping the input's optimiser order."""
+  out: dict[str, dict[int, list[dict]]] = {}
+  for r in records:
+    out.setdefault(r["optimizer"], {}).setdefault(r["seed"], []).append(r)
+  for seeds in out.values():
+    for rs in seeds.values():
+      rs.sort(key=lambda r: r["step"])
+  return out
+
+
+def _better(a: float, b: float, higher_is_better: bool) -> bool:
+  return a > b if higher_is_better else a < b
+
+
+def _reached(value: float | None, target: float, higher_is_better: bool) -> bool:
+  return value is not None and (value >= target if higher_is_better else value <= target)
+
+
+def _fmt(values: Sequence[float | None], digits: int = 4) -> str:
+  vals = [v for v in values if v is not None]
+  if not vals:
+    return "—" if not values else "nan"
+  if len(vals) < len(values):
+    return f"{np.mean(vals):.{digits}g} ({len(values) - len(vals)} nan)"
+  if len(vals) == 1:
+    return f"{vals[0]:.{digits}g}"
+  return f"{np.mean(vals):.{digits}g} ± {np.std(vals):.2g}"
+
+
+def summarize(
+  records: list[dict],
+  metric: str,
+  *,
+  higher_is_better: bool = False,
+  target: float | None = None,
+  extra_metrics: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+  """Per optimiser (averaged over seeds): final and best metric, steps/time to target."""
+  rows = []
+  for opt, seeds in group(records).items():
+    finals, bests, steps_t, times_t, train_t, last_step = [], [], [], [], [], []
+    extras: dict[str, list] = {m: [] for m in extra_metrics}
+    for rs in seeds.values():
+      vals = [r.get(metric) for r in rs]
+      finals.append(vals[-1])
+      finite = [v for v in vals if v is not None]
+      bests.append((max if higher_is_better else min)(finite) if finite else None)
+      train_t.append(rs[-1]["wall_time"])
+      last_step.append(rs[-1]["step"])
+      for m in extra_metrics:
+        extras[m].append(rs[-1].get(m))
+      if target is not None:
+        hit = next((r for r in rs if _reached(r.get(metric), target, higher_is_better)), None)
+        steps_t.append(hit["step"] if hit else None)
+        times_t.append(hit["wall_time"] if hit else None)
+    rows.append(
+      {
+        "optimizer": opt,
+        "seeds": len(seeds),
+        "steps": last_step,
+        "final": finals,
+        "best": bests,
+        "steps_to_target": steps_t,
+        "time_to_target": times_t,
+        "train_time": train_t,
+        **{f"final_{m}": v for m, v in extras.items()},
+      }
+    )
+  return rows
+
+
+def summary_markdown(
+  rows: list[dict[str, Any]],
+  metric: str,
+  *,
+  target: float | None = None,
+  extra_metrics: Sequence[str] = (),
+) -> str:
+  """The summary table as Markdown (what is printed and saved to ``summary.md``)."""
+  head = ["optimizer", "steps", f"final {metric}", f"best {metric}"]
+  head += [f"final {m}" for m in extra_metrics]
+  if target is not None:
+    head += [f"steps to {metric}≤{target:g}", "time to target (s)"]
+  head += ["train time (s)"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for row in rows:
+    cells = [row["optimizer"], _fmt(row["steps"], 6), _fmt(row["final"]), _fmt(row["best"])]
+    cells += [_fmt(row[f"final_{m}"]) for m in extra_metrics]
+    if target is not None:
+      reached = [v for v in row["steps_to_target"] if v is not None]
+      n = len(row["steps_to_target"])
+      suffix = "" if len(reached) == n else f" ({len(reached)}/{n} seeds)"
+      cells += [
+        (_fmt(reached, 6) if reached else "not reached") + suffix,
+        _fmt([v for v in row["time_to_target"] if v is not None], 3) if reached else "—",
+      ]
+    cells.append(_fmt(row["train_time"], 3))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def best_row(rows: list[dict], higher_is_better: bool) -> str | None:
+  """The optimiser with the best mean final metric."""
+  best, best_val = None, None
+  for row in rows:
+    vals = [v for v in row["final"] if v is not None]
+    if vals and (best_val is None or _better(float(np.mean(vals)), best_val, higher_is_better)):
+      best, best_val = row["optimizer"], float(np.mean(vals))
+  return best

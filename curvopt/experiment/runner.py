@@ -1,0 +1,407 @@
+"""The runner: trains every (optimiser, seed) pair, evaluates, logs, checkpoints and resumes.
+
+Each optimiser's training loop is one compiled program, ``fori_loop`` over the steps between two
+evaluations, compiled ahead of time once (so it cannot recompile). The batch of step ``t`` is a
+pure function of the seed and ``t``; checkpoints (Orbax) hold the parameters, the optimiser
+state, the step and the training time, so a resumed run continues exactly where the
+checkpoint left it and ends with the same metrics as an uninterrupted run.
+"""
+
+import collections
+import datetime
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from curvopt.experiment import config as config_lib
+from curvopt.experiment import optimizers as opt_lib
+from curvopt.experiment import plots, records
+from curvopt.experiment.config import Config, ConfigError, label_of
+
+# Number of times each optimiser's training loop was traced (the tests check it is one).
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+# Test hooks: SIGKILL this process (a real kill -9 mid-run) / raise KeyboardInterrupt after
+# this many evaluations.
+_KILL_ENV = "CURVOPT_EXPERIMENT_KILL_AFTER_EVALS"
+_INTERRUPT_AFTER_EVALS = 0
+
+
+@dataclass
+class TaskEntry:
+  """A task family: its config schema, and ``build(cfg, dtype) -> Task``."""
+
+  schema: type
+  build: Callable[[Any, Any], Any]
+
+
+@dataclass
+class RunResult:
+  run_dir: str
+  records: list[dict]
+  summary: str
+  figure: Any = None
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def new_run_dir(output_dir: str, name: str) -> str:
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  base = os.path.join(output_dir, _slug(name), stamp)
+  path, i = base, 1
+  while os.path.exists(path):
+    path, i = f"{base}-{i}", i + 1
+  os.makedirs(path)
+  return path
+
+
+def _set_precision(precision: config_lib.Precision) -> Any:
+  if precision is config_lib.Precision.float64:
+    if not jax.config.jax_enable_x64:
+      jax.config.update("jax_enable_x64", True)
+    return jnp.float64
+  return jnp.float32
+
+
+class _Checkpoints:
+  """Orbax checkpoints of one (optimiser, seed) run: flat leaves + step + training time."""
+
+  def __init__(self, directory: str):
+    import orbax.checkpoint as ocp
+
+    self._ocp = ocp
+    self.manager = ocp.CheckpointManager(
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False),
+    )
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, tree: Any, wall: float, finished: bool) -> None:
+    leaves = jax.tree.leaves(tree)
+    item = {
+      "leaves": {str(i): leaf for i, leaf in enumerate(leaves)},
+      "step": np.asarray(step, np.int64),
+      "wall": np.asarray(wall, np.float64),
+      "finished": np.asarray(int(finished), np.int64),
+    }
+    self.manager.save(step, args=self._ocp.args.StandardSave(item), force=True)
+    self.manager.wait_until_finished()
+
+  def restore(self, like: Any) -> tuple[Any, int, float, bool]:
+    leaves, treedef = jax.tree.flatten(like)
+    target = {
+      "leaves": {str(i): leaf for i, leaf in enumerate(leaves)},
+      "step": np.asarray(0, np.int64),
+      "wall": np.asarray(0.0, np.float64),
+      "finished": np.asarray(0, np.int64),
+    }
+    out = self.manager.restore(
+      self.manager.latest_step(), args=self._ocp.args.StandardRestore(target)
+    )
+    tree = jax.tree.unflatten(treedef, [out["leaves"][str(i)] for i in range(len(leaves))])
+    return tree, int(out["step"]), float(out["wall"]), bool(int(out["finished"]))
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def run_experiment(
+  cfg: Config,
+  task_entry: TaskEntry,
+  *,
+  run_dir: str | None = None,
+  resume: bool = False,
+  echo: bool = True,
+) -> RunResult:
+  """Runs the comparison described by ``cfg`` and writes its run directory.
+
+  Args:
+    cfg: a validated :class:`~curvopt.experiment.config.Config`.
+    task_entry: the task family named by ``cfg.task.name``.
+    run_dir: where to write; a fresh ``output_dir/<name>/<timestamp>/`` when ``None``.
+    resume: continue the runs in ``run_dir`` from their checkpoints.
+    echo: print the summary table.
+
+  Returns:
+    A :class:`RunResult` with the run directory, the metric records and the summary.
+  """
+  exp = cfg.experiment
+  dtype = _set_precision(exp.precision)
+  task = task_entry.build(cfg.task, dtype)
+  methods = [
+    opt_lib.build_method(opt, task, f"optimizers[{i}]") for i, opt in enumerate(cfg.optimizers)
+  ]
+  params_like = jax.eval_shape(task.init_params, jax.random.key(0))
+  eval_keys = sorted(jax.eval_shape(task.evaluate, params_like))
+  metric = exp.metric or task.metric
+  if metric not in eval_keys:
+    raise ConfigError(
+      f"config key 'metric': invalid value {metric!r}; this task reports {eval_keys}."
+    )
+
+  if run_dir is None:
+    run_dir = new_run_dir(exp.output_dir, exp.name)
+  os.makedirs(run_dir, exist_ok=True)
+  if not resume:
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+      f.write(cfg.to_yaml())
+  log = records.MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
+  runs = [
+    (opt, method, seed)
+    for opt, method in zip(cfg.optimizers, methods, strict=True)
+    for seed in exp.seeds
+  ]
+  ckpts = {
+    (label_of(o), s): _Checkpoints(
+      os.path.join(run_dir, "checkpoints", f"{_slug(label_of(o))}-seed{s}")
+    )
+    for o, _, s in runs
+  }
+  if resume:
+    # Keep only what the checkpoints cover: later records are recomputed identically.
+    latest = {k: c.latest_step() for k, c in ckpts.items()}
+    log.keep(
+      lambda r: (
+        latest.get((r["optimizer"], r["seed"])) is not None
+        and r["step"] <= latest[(r["optimizer"], r["seed"])]
+      )
+    )
+
+  evaluate = jax.jit(task.evaluate)
+  kill_after = int(os.environ.get(_KILL_ENV, "0") or 0)
+  progress = _progress(exp.progress, len(runs) * exp.budget.steps)
+  num_evals = 0
+  try:
+    for opt, method, seed in runs:
+      label = label_of(opt)
+      ck = ckpts[(label, seed)]
+
+      def log_eval(params, step, wall, diagnostics, opt=opt, method=method, seed=seed, **extra):
+        nonlocal num_evals
+        values = jax.device_get(evaluate(params))
+        rec = {"optimizer": label_of(opt), "seed": seed, "step": int(step), "wall_time": wall}
+        rec.update(extra)
+        rec.update({k: records.to_python(v) for k, v in values.items()})
+        rec.update({k: records.to_python(v) for k, v in jax.device_get(diagnostics).items()})
+        rec.update(method.host_metrics(step))
+        log.append(rec)
+        num_evals += 1
+        if kill_after and num_evals >= kill_after:
+          os.kill(os.getpid(), 9)
+        if _INTERRUPT_AFTER_EVALS and num_evals >= _INTERRUPT_AFTER_EVALS:
+          raise KeyboardInterrupt
+
+      if method.external is not None:
+        _run_external(task, method, seed, exp, ck, log_eval, progress, label)
+      else:
+        _run_compiled(task, method, seed, exp, ck, log_eval, progress, label)
+  finally:
+    if progress is not None:
+      progress.close()
+    for c in ckpts.values():
+      c.close()
+
+  recs = log.read()
+  extra = [m for m in task.summary_metrics if m != metric]
+  extra += ["compile_time"] if any("compile_time" in r for r in recs) else []
+  rows = records.summarize(
+    recs, metric, higher_is_better=task.higher_is_better, target=exp.target, extra_metrics=extra
+  )
+  table = records.summary_markdown(rows, metric, target=exp.target, extra_metrics=extra)
+  best = records.best_row(rows, task.higher_is_better)
+  header = (
+    f"## {exp.name}\n\ntask: {cfg.task.name} · precision: {exp.precision.value} · "
+    f"seeds: {list(exp.seeds)} · budget: {exp.budget.steps} steps"
+    + (f" / {exp.budget.seconds:g} s" if exp.budget.seconds else "")
+    + f" · device: {jax.devices()[0].device_kind}\n\n"
+  )
+  footer = f"\nbest final {metric}: **{best}**\n" if best else ""
+  report = task.report(run_dir, recs)
+  summary = header + table + footer + (("\n" + report) if report else "")
+  with open(os.path.join(run_dir, "summary.md"), "w") as f:
+    f.write(summary)
+
+  values = [r.get(metric) for r in recs if r.get(metric) is not None]
+  log_y = ("loss" in metric or "mse" in metric or "error" in metric) and min(values, default=0) > 0
+  fig = plots.comparison_figure(recs, metric, title=exp.name, log_y=log_y)
+  plots.save_figure(fig, os.path.join(run_dir, "comparison.png"))
+  if echo:
+    print(summary)
+    print(f"run directory: {run_dir}")
+  return RunResult(run_dir=run_dir, records=recs, summary=summary, figure=fig)
+
+
+def _progress(enabled: bool, total: int):
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  init_key, data_key = jax.random.split(jax.random.key(seed))
+  return init_key, data_key
+
+
+def _run_compiled(task, method, seed, exp, ck, log_eval, progress, label) -> None:
+  init_key, data_key = _keys(seed)
+  params = task.init_params(init_key)
+  state = method.init(params)
+  diag_like = jax.eval_shape(method.step, params, state, data_key, jnp.int32(0))[2]
+  diagnostics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), diag_like)
+  step, wall = 0, 0.0
+  if ck.latest_step() is not None:
+    (params, state, diagnostics), step, wall, finished = ck.restore((params, state, diagnostics))
+    if progress is not None:
+      progress.update(step)
+    if finished:
+      if progress is not None:
+        progress.update(exp.budget.steps - step)
+      return
+  else:
+    log_eval(params, 0, 0.0, diagnostics)
+
+  def train(carry, data_key, start, num_steps):
+    TRACE_COUNTS[label] += 1
+
+    def body(i, carry):
+      return method.step(*carry[:2], data_key, start + i)
+
+    return jax.lax.fori_loop(0, num_steps, body, carry)
+
+  carry = (params, state, diagnostics)
+  tic = time.perf_counter()
+  compiled = jax.jit(train).lower(carry, data_key, jnp.int32(0), jnp.int32(1)).compile()
+  compile_time = time.perf_counter() - tic
+  last_save = time.perf_counter()
+  steps = exp.budget.steps
+  while step < steps and (exp.budget.seconds is None or wall < exp.budget.seconds):
+    n = min(exp.eval_every, steps - step)
+    tic = time.perf_counter()
+    carry = jax.block_until_ready(compiled(carry, data_key, jnp.int32(step), jnp.int32(n)))
+    wall += time.perf_counter() - tic
+    step += n
+    if progress is not None:
+      progress.set_description(label)
+      progress.update(n)
+    log_eval(carry[0], step, wall, carry[2], compile_time=compile_time)
+    finished = step >= steps or (exp.budget.seconds is not None and wall >= exp.budget.seconds)
+    if finished or time.perf_counter() - last_save >= exp.checkpoint_interval_s:
+      ck.save(step, carry, wall, finished)
+      last_save = time.perf_counter()
+  if progress is not None and step < steps:
+    progress.update(steps - step)
+
+
+def _run_external(task, method, seed, exp, ck, log_eval, progress, label) -> None:
+  """Host-side baselines (scipy): rerun from the start unless a finished checkpoint exists."""
+  init_key, _ = _keys(seed)
+  params = task.init_params(init_key)
+  if ck.latest_step() is not None:
+    _, _, _, finished = ck.restore(params)
+    if finished:
+      if progress is not None:
+        progress.update(exp.budget.steps)
+      return
+  log_eval(params, 0, 0.0, {})
+  clock = {"start": time.perf_counter(), "eval": 0.0, "step": 0, "params": params}
+
+  def callback(p, it):
+    clock["step"], clock["params"] = it, p
+    wall = time.perf_counter() - clock["start"] - clock["eval"]
+    if progress is not None:
+      progress.set_description(label)
+      progress.update(1)
+    if it % exp.eval_every == 0 or it == exp.budget.steps:
+      tic = time.perf_counter()
+      log_eval(p, it, wall, {})
+      clock["eval"] += time.perf_counter() - tic
+      clock["logged"] = it
+    return exp.budget.seconds is not None and wall >= exp.budget.seconds
+
+  method.external(params, exp.budget.steps, callback)
+  wall = time.perf_counter() - clock["start"] - clock["eval"]
+  if clock.get("logged") != clock["step"]:
+    log_eval(clock["params"], clock["step"], wall, {})
+  if progress is not None:
+    progress.update(max(exp.budget.steps - clock["step"], 0))
+  ck.save(clock["step"], clock["params"], wall, True)
+
+
+def main(
+  argv: Sequence[str],
+  *,
+  tasks: Mapping[str, Callable[[], TaskEntry]],
+  prog: str = "run.py",
+) -> int:
+  """Command line: ``run.py CONFIG.yaml [dotted.key=value ...]`` or ``run.py --resume RUN_DIR``.
+
+  Args:
+    argv: the arguments after the program name.
+    tasks: task name -> zero-argument loader of its :class:`TaskEntry` (modules are imported
+      only when their task is used).
+    prog: program name for the usage message.
+
+  Returns:
+    The exit status: 0 on success, 2 for a config error.
+  """
+  import argparse
+
+  parser = argparse.ArgumentParser(
+    prog=prog, description="Run an optimiser comparison described by a YAML config."
+  )
+  parser.add_argument("config", nargs="?", help="path of the YAML config")
+  parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+  parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+  args = parser.parse_args(argv)
+  if args.resume and args.config and args.config.endswith((".yaml", ".yml")):
+    parser.error("--resume takes the run directory's own config.yaml; give no config file.")
+  overrides = list(args.overrides)
+  if args.resume:
+    if args.config:  # argparse put the first override in `config`
+      overrides.insert(0, args.config)
+    if overrides:
+      parser.error("--resume continues a run exactly as configured; overrides are not allowed.")
+    source = os.path.join(args.resume, "config.yaml")
+  elif args.config is None:
+    parser.error("a config file is required (e.g. configs/quickstart.yaml), or --resume RUN_DIR.")
+  else:
+    source = args.config
+
+  schemas = _LazySchemas(tasks)
+  try:
+    cfg = config_lib.load_config(source, overrides, tasks=schemas, optimizers=opt_lib.OPTIMIZERS)
+    run_experiment(cfg, tasks[cfg.task.name](), run_dir=args.resume, resume=bool(args.resume))
+  except ConfigError as err:
+    print(f"{prog}: error: {err}", file=sys.stderr)
+    return 2
+  return 0
+
+
+class _LazySchemas(Mapping):
+  """Task name -> schema, importing a task's module only when its schema is looked up."""
+
+  def __init__(self, tasks: Mapping[str, Callable[[], TaskEntry]]):
+    self._tasks = tasks
+
+  def __getitem__(self, name):
+    return self._tasks[name]().schema
+
+  def __iter__(self):
+    return iter(self._tasks)
+
+  def __len__(self):
+    return len(self._tasks)

@@ -1,0 +1,173 @@
+"""What a task gives the runner: parameters, data for a step, the objective, an evaluation.
+
+A task family (in ``experiments/``) subclasses :class:`Task`. Everything the runner calls
+inside the compiled step (``batch``, ``objective``, ``model_fn``/``output_loss``,
+``per_example_loss``, ``evaluate``) must be traceable; the data order is a pure function of the
+seed's data key and the step number, so a resumed run sees the same batches as an uninterrupted
+one.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from curvopt.experiment.config import ConfigError
+
+Params = Any
+Batch = dict[str, jax.Array]
+
+
+class Task:
+  """Base class of a task family.
+
+  Attributes:
+    metric: the primary metric, a key of :meth:`evaluate`'s output.
+    higher_is_better: whether larger values of ``metric`` are better.
+    variants: allowed ``variant`` values of an optimiser entry (``None`` always allowed: the
+      default objective).
+    train_data: dict of arrays with a leading example axis (used by mini-batching and DP-SGD).
+    batch_size: mini-batch size; ``None`` for full batch.
+    summary_metrics: further :meth:`evaluate` (or host) metrics shown in the summary table.
+  """
+
+  metric: str = "test_loss"
+  higher_is_better: bool = False
+  summary_metrics: tuple[str, ...] = ()
+  variants: tuple[str, ...] = ()
+  train_data: Batch = {}
+  batch_size: int | None = None
+
+  def __init__(self, cfg: Any, dtype: Any):
+    self.cfg = cfg
+    self.dtype = jnp.dtype(dtype)
+
+  # ---- to override ----
+  def init_params(self, key: jax.Array) -> Params:
+    raise NotImplementedError
+
+  def loss(self, params: Params, **batch: jax.Array) -> jax.Array:
+    """The training objective on a batch, with the batch keys as named keyword arguments."""
+    raise NotImplementedError
+
+  def evaluate(self, params: Params) -> dict[str, jax.Array]:
+    raise NotImplementedError
+
+  # ---- defaults ----
+  def objective(self, variant: str | None) -> Callable[..., jax.Array]:
+    """The objective an optimiser entry with this ``variant`` minimises."""
+    del variant
+    return self.loss
+
+  def num_train(self) -> int:
+    return int(jax.tree.leaves(self.train_data)[0].shape[0])
+
+  def batch(self, data_key: jax.Array, step: jax.Array) -> Batch:
+    """Data for ``step``: the full training set, or a mini-batch drawn without replacement."""
+    if self.batch_size is None:
+      return self.train_data
+    n = self.num_train()
+    idx = jax.random.permutation(jax.random.fold_in(data_key, step), n)[: self.batch_size]
+    return jax.tree.map(lambda a: a[idx], self.train_data)
+
+  def newton_cg_args(self, variant: str | None, curvature: str) -> dict[str, Any]:
+    """Keyword arguments for :func:`curvopt.newton_cg.newton_cg` (``model_fn``/``loss_fn``)."""
+    del variant
+    if curvature != "ggn":
+      return {}
+    if not hasattr(self, "model_fn") or not hasattr(self, "output_loss"):
+      raise ConfigError(
+        f"task {type(self).__name__} has no model/loss split, so curvature='ggn' is not "
+        "available; use curvature: hessian."
+      )
+    return {"model_fn": self.model_fn, "loss_fn": self.output_loss}
+
+  def per_example_loss(self, params: Params, example: Batch) -> jax.Array:
+    """Loss of one example (no leading axis): the batch objective on a batch of one."""
+    return self.loss(params, **jax.tree.map(lambda a: jnp.expand_dims(a, 0), example))
+
+  def host_metrics(self, opt_cfg: Any, step: int) -> dict[str, float]:
+    """Metrics computed on the host at evaluation time (e.g. privacy spent)."""
+    del opt_cfg, step
+    return {}
+
+  def report(self, run_dir: str, records: list[dict]) -> str:
+    """Extra Markdown for ``summary.md`` (task-specific analyses); empty by default."""
+    del run_dir, records
+    return ""
+
+  def check_variant(self, path: str, variant: str | None) -> None:
+    if variant is not None and variant not in self.variants:
+      raise ConfigError(
+        f"config key '{path}': invalid value {variant!r} for task {type(self).__name__}; "
+        f"allowed values: {list(self.variants) or 'none (leave it unset)'}."
+      )
+
+
+def train_test_split(
+  x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """A fixed random split (numpy, host side) so every optimiser sees the same data."""
+  perm = np.random.default_rng(seed).permutation(len(x))
+  n_test = int(round(test_fraction * len(x)))
+  test, train = perm[:n_test], perm[n_test:]
+  return x[train], y[train], x[test], y[test]
+
+
+def standardize(train: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
+  """Centres and scales features by the training set's statistics."""
+  mean, std = train.mean(0), train.std(0)
+  std = np.where(std > 0, std, 1.0)
+  return tuple((a - mean) / std for a in (train, *others))
+
+
+def load_sklearn(name: str) -> tuple[np.ndarray, np.ndarray]:
+  """A dataset bundled with scikit-learn (no download): ``"digits"`` or ``"breast_cancer"``."""
+  from sklearn import datasets
+
+  loaders = {"digits": datasets.load_digits, "breast_cancer": datasets.load_breast_cancer}
+  if name not in loaders:
+    raise ConfigError(
+      f"config key 'task.dataset': invalid value {name!r}; allowed: {list(loaders)}"
+    )
+  data = loaders[name]()
+  return data.data.astype(np.float64), data.target.astype(np.int32)
+
+
+def dense_init(key: jax.Array, sizes: list[int], dtype: Any, scale: str = "lecun") -> list[dict]:
+  """Parameters of a stack of dense layers, ``[{"w": (m, n), "b": (n,)}, ...]``."""
+  params = []
+  for k, (m, n) in zip(
+    jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:], strict=True), strict=True
+  ):
+    std = 1.0 / np.sqrt(m) if scale == "lecun" else np.sqrt(2.0 / m)
+    params.append(
+      {"w": std * jax.random.normal(k, (m, n), dtype=dtype), "b": jnp.zeros((n,), dtype=dtype)}
+    )
+  return params
+
+
+def mlp_apply(params: list[dict], x: jax.Array, activation: Callable = jnp.tanh) -> jax.Array:
+  """A dense network: ``activation`` between layers, linear output."""
+  for layer in params[:-1]:
+    x = activation(x @ layer["w"] + layer["b"])
+  return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def as_dtype(tree: Any, dtype: Any) -> Any:
+  """Casts the floating leaves of ``tree`` to ``dtype``; integer leaves are kept."""
+  return jax.tree.map(
+    lambda a: (
+      jnp.asarray(a, dtype)
+      if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)
+      else jnp.asarray(a)
+    ),
+    tree,
+  )
+
+
+def config_dict(cfg: Any) -> dict:
+  return dataclasses.asdict(cfg)

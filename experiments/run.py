@@ -1,0 +1,32 @@
+"""Runs an optimiser comparison: ``python experiments/run.py configs/NAME.yaml [key=value ...]``.
+
+``--resume RUN_DIR`` continues an interrupted run from its checkpoints. Each task family is a
+module in this folder, imported only when a config names it.
+"""
+
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from curvopt.experiment.runner import TaskEntry, main  # noqa: E402
+
+# task name -> module in experiments/ defining `Config` (schema) and `build(cfg, dtype)`.
+TASK_MODULES = {
+  "logreg": "logreg",
+}
+
+
+def _loader(module_name: str):
+  def load() -> TaskEntry:
+    module = importlib.import_module(module_name)
+    return TaskEntry(schema=module.Config, build=module.build)
+
+  return load
+
+
+TASKS = {name: _loader(module) for name, module in TASK_MODULES.items()}
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:], tasks=TASKS, prog="experiments/run.py"))
