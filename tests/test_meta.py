@@ -1,0 +1,275 @@
+"""Tests for curvopt.meta.maml_loss: closed forms, hand-unrolled loops, dense implicit gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from curvopt.meta import maml_loss
+
+
+def _regression_task(rng, n=8, d=4, dtype=jnp.float64):
+  X = jnp.asarray(rng.normal(size=(n, d)), dtype)
+  y = jnp.asarray(rng.normal(size=n), dtype)
+  return X, y
+
+
+def _quadratic_loss(w, batch):
+  X, y = batch
+  return 0.5 * jnp.mean((X @ w - y) ** 2)
+
+
+def _mlp_loss(params, batch):
+  X, y = batch
+  h = jnp.tanh(X @ params["w1"] + params["b1"])
+  return jnp.mean((h @ params["w2"] - y) ** 2)
+
+
+def _mlp_params(rng, d=4, hidden=5, dtype=jnp.float64):
+  return {
+    "w1": jnp.asarray(0.5 * rng.normal(size=(d, hidden)), dtype),
+    "b1": jnp.asarray(0.1 * rng.normal(size=hidden), dtype),
+    "w2": jnp.asarray(0.5 * rng.normal(size=hidden), dtype),
+  }
+
+
+def _assert_trees_close(got, want, **kwargs):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(g, w, **kwargs)
+
+
+@pytest.mark.parametrize("inner_steps", [1, 3])
+def test_maml_gradient_closed_form_on_quadratic(inner_steps):
+  # SGD on a quadratic: dφ_K/dθ = (I - αA_s)^K, so the meta-gradient is (I - αA_s)^K ∇L_q(φ_K).
+  rng = np.random.default_rng(0)
+  support, query = _regression_task(rng), _regression_task(rng)
+  theta, lr = jnp.asarray(rng.normal(size=4)), 0.3
+  meta_loss = maml_loss(_quadratic_loss, inner_lr=lr, inner_steps=inner_steps)
+  X_s, y_s = support
+  A_s = np.asarray(X_s.T @ X_s) / 8
+  phi = np.asarray(theta)
+  for _ in range(inner_steps):
+    phi = phi - lr * (A_s @ phi - np.asarray(X_s.T @ y_s) / 8)
+  X_q, y_q = map(np.asarray, query)
+  grad_query = X_q.T @ (X_q @ phi - y_q) / 8
+  want = np.linalg.matrix_power(np.eye(4) - lr * A_s, inner_steps) @ grad_query
+  np.testing.assert_allclose(jax.grad(meta_loss)(theta, support, query), want, rtol=1e-12)
+
+
+def _hand_unrolled_meta_loss(params, support, query, lr, steps):
+  phi = params
+  for _ in range(steps):
+    grads = jax.grad(_mlp_loss)(phi, support)
+    phi = jax.tree.map(lambda p, g: p - lr * g, phi, grads)
+  return _mlp_loss(phi, query)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_maml_gradient_matches_hand_unrolled_loop_and_first_order_differs(jit):
+  rng = np.random.default_rng(1)
+  params, support, query = _mlp_params(rng), _regression_task(rng), _regression_task(rng)
+  meta_loss = maml_loss(_mlp_loss, inner_lr=0.1, inner_steps=4)
+  fo_loss = maml_loss(_mlp_loss, inner_lr=0.1, inner_steps=4, first_order=True)
+  grad, fo_grad = jax.grad(meta_loss), jax.grad(fo_loss)
+  if jit:
+    grad, fo_grad = jax.jit(grad), jax.jit(fo_grad)
+  hand_unrolled = jax.jit(_hand_unrolled_meta_loss, static_argnums=(3, 4))
+  want = jax.jit(jax.grad(hand_unrolled), static_argnums=(3, 4))(params, support, query, 0.1, 4)
+  np.testing.assert_allclose(
+    meta_loss(params, support, query), hand_unrolled(params, support, query, 0.1, 4), rtol=1e-12
+  )
+  _assert_trees_close(grad(params, support, query), want, rtol=1e-10)
+  # FOMAML: exactly the query gradient at the adapted parameters ...
+  phi, mlp_grad = params, jax.jit(jax.grad(_mlp_loss))
+  for _ in range(4):
+    phi = jax.tree.map(lambda p, g: p - 0.1 * g, phi, mlp_grad(phi, support))
+  got_fo = fo_grad(params, support, query)
+  _assert_trees_close(got_fo, jax.grad(_mlp_loss)(phi, query), rtol=1e-10)
+  # ... which is not the second-order meta-gradient.
+  diff = optax.tree.norm(optax.tree.sub(got_fo, want))
+  assert diff > 1e-2 * optax.tree.norm(want)
+
+
+def test_maml_with_optax_inner_optimizer_matches_python_loop():
+  rng = np.random.default_rng(2)
+  params, support, query = _mlp_params(rng), _regression_task(rng), _regression_task(rng)
+  opt = optax.adam(0.05)
+
+  def unrolled(params):
+    phi, state = params, opt.init(params)
+    for _ in range(3):
+      updates, state = opt.update(jax.grad(_mlp_loss)(phi, support), state, phi)
+      phi = optax.apply_updates(phi, updates)
+    return _mlp_loss(phi, query)
+
+  meta_loss = jax.jit(maml_loss(_mlp_loss, inner_optimizer=opt, inner_steps=3))
+  np.testing.assert_allclose(
+    meta_loss(params, support, query), jax.jit(unrolled)(params), rtol=1e-12
+  )
+  _assert_trees_close(
+    jax.jit(jax.grad(meta_loss))(params, support, query),
+    jax.jit(jax.grad(unrolled))(params),
+    rtol=1e-8,
+  )
+  # optax.sgd(lr) is the inner_lr path.
+  via_sgd = maml_loss(_mlp_loss, inner_optimizer=optax.sgd(0.1), inner_steps=2)
+  via_lr = maml_loss(_mlp_loss, inner_lr=0.1, inner_steps=2)
+  _assert_trees_close(
+    jax.jit(jax.grad(via_sgd))(params, support, query),
+    jax.jit(jax.grad(via_lr))(params, support, query),
+    rtol=1e-12,
+  )
+
+
+def test_maml_vmap_over_tasks_jit_without_recompilation():
+  rng = np.random.default_rng(3)
+  params = _mlp_params(rng)
+  num_tasks = 3
+  traces = []
+  meta_loss = maml_loss(_mlp_loss, inner_lr=0.1, inner_steps=2)
+
+  @jax.jit
+  def batch_meta_grad(params, supports, queries):
+    traces.append(1)
+    per_task = jax.vmap(meta_loss, in_axes=(None, 0, 0))
+    return jax.grad(lambda p: per_task(p, supports, queries).mean())(params)
+
+  for seed in range(2):
+    tasks = [_regression_task(np.random.default_rng(10 + seed + t)) for t in range(2 * num_tasks)]
+    supports = jax.tree.map(lambda *xs: jnp.stack(xs), *tasks[:num_tasks])
+    queries = jax.tree.map(lambda *xs: jnp.stack(xs), *tasks[num_tasks:])
+    got = batch_meta_grad(params, supports, queries)
+    single = jax.jit(jax.grad(meta_loss))
+    loop = [single(params, tasks[t], tasks[num_tasks + t]) for t in range(num_tasks)]
+    want = jax.tree.map(lambda *gs: sum(gs) / num_tasks, *loop)
+    _assert_trees_close(got, want, rtol=1e-10)
+  assert len(traces) == 1
+
+
+def _newton_minimise(objective, x, steps=20):
+  # Independent reference minimiser: dense Newton steps.
+  hessian, grad = jax.jit(jax.hessian(objective)), jax.jit(jax.grad(objective))
+  for _ in range(steps):
+    x = x - np.linalg.solve(hessian(x), grad(x))
+  return x
+
+
+def _imaml_setup(rng, d=4):
+  loss_fn = lambda w, batch: (
+    jnp.mean(jnp.log1p(jnp.exp(-batch[1] * (batch[0] @ w))))
+    + 0.5 * (jnp.mean(jnp.sin(batch[0] @ w) ** 2))
+  )
+  X_s, X_q = rng.normal(size=(10, d)), rng.normal(size=(10, d))
+  support = (jnp.asarray(X_s), jnp.asarray(np.sign(rng.normal(size=10))))
+  query = (jnp.asarray(X_q), jnp.asarray(np.sign(rng.normal(size=10))))
+  return loss_fn, jnp.asarray(rng.normal(size=d)), support, query
+
+
+def test_imaml_gradient_matches_dense_implicit_gradient():
+  rng = np.random.default_rng(4)
+  loss_fn, theta, support, query = _imaml_setup(rng)
+  lam = 1.5
+  meta_loss = maml_loss(
+    loss_fn, inner_lr=0.3, inner_steps=300, implicit=True, proximal_lambda=lam, cg_steps=4
+  )
+  meta_loss = jax.jit(meta_loss)
+  got = jax.jit(jax.grad(meta_loss))(theta, support, query)
+  prox = lambda phi: loss_fn(phi, support) + 0.5 * lam * jnp.sum((phi - theta) ** 2)
+  phi_star = _newton_minimise(prox, theta)
+  H = np.asarray(jax.hessian(loss_fn)(phi_star, support))
+  assert np.linalg.eigvalsh(H).min() < 0  # a non-convex support loss: H alone is indefinite
+  want = np.linalg.solve(np.eye(4) + H / lam, jax.grad(loss_fn)(phi_star, query))
+  np.testing.assert_allclose(meta_loss(theta, support, query), loss_fn(phi_star, query))
+  np.testing.assert_allclose(got, want, rtol=1e-9)
+  # Finite differences of the (converged) meta-loss agree too.
+  eps = 1e-6
+  fd = [
+    (meta_loss(theta + eps * e, support, query) - meta_loss(theta - eps * e, support, query))
+    / (2 * eps)
+    for e in np.eye(4)
+  ]
+  np.testing.assert_allclose(got, fd, rtol=1e-6)
+
+
+def test_imaml_support_gradient_matches_unrolled_converged_loop():
+  # Through a converged contraction, the unrolled derivative tends to the implicit one.
+  rng = np.random.default_rng(5)
+  loss_fn, theta, support, query = _imaml_setup(rng)
+  lam, steps = 1.5, 300
+  imaml = maml_loss(
+    loss_fn, inner_lr=0.3, inner_steps=steps, implicit=True, proximal_lambda=lam, cg_steps=4
+  )
+  prox_loss = lambda phi, batch, theta: (
+    loss_fn(phi, batch) + 0.5 * lam * jnp.sum((phi - theta) ** 2)
+  )
+
+  def unrolled(theta, X_s):
+    batch = (X_s, support[1])
+    step = lambda _, phi: phi - 0.3 * jax.grad(prox_loss)(phi, batch, theta)
+    return loss_fn(jax.lax.fori_loop(0, steps, step, theta), query)
+
+  g_theta, g_support = jax.jit(jax.grad(imaml, argnums=(0, 1)))(theta, support, query)
+  want_theta, want_X = jax.jit(jax.grad(unrolled, argnums=(0, 1)))(theta, support[0])
+  np.testing.assert_allclose(g_theta, want_theta, rtol=1e-9)
+  np.testing.assert_allclose(g_support[0], want_X, rtol=1e-8, atol=1e-12)
+
+
+def test_imaml_vmap_over_tasks():
+  rng = np.random.default_rng(6)
+  loss_fn, theta, s0, q0 = _imaml_setup(rng)
+  _, _, s1, q1 = _imaml_setup(rng)
+  imaml = maml_loss(
+    loss_fn, inner_lr=0.3, inner_steps=100, implicit=True, proximal_lambda=2.0, cg_steps=4
+  )
+  stack = lambda *xs: jax.tree.map(lambda *leaves: jnp.stack(leaves), *xs)
+  batched = jax.jit(
+    jax.grad(lambda t: jax.vmap(imaml, in_axes=(None, 0, 0))(t, stack(s0, s1), stack(q0, q1)).sum())
+  )
+  single = jax.jit(jax.grad(imaml))
+  want = single(theta, s0, q0) + single(theta, s1, q1)
+  np.testing.assert_allclose(batched(theta), want, rtol=1e-10)
+
+
+def _backward_temp_bytes(meta_loss, params, support, query):
+  compiled = jax.jit(jax.grad(meta_loss)).lower(params, support, query).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_imaml_memory_is_flat_in_inner_steps_unlike_maml():
+  rng = np.random.default_rng(7)
+  d = 256
+  params = jnp.asarray(rng.normal(size=d))
+  support, query = _regression_task(rng, n=32, d=d), _regression_task(rng, n=32, d=d)
+  sizes = {}
+  for implicit in (False, True):
+    for steps in (10, 100):
+      kwargs = {"implicit": True, "proximal_lambda": 1.0} if implicit else {}
+      meta_loss = maml_loss(_mlp_loss_linear, inner_lr=0.01, inner_steps=steps, **kwargs)
+      sizes[implicit, steps] = _backward_temp_bytes(meta_loss, params, support, query)
+  # Backprop through the loop keeps per-step residuals (here ≥ one float per example) ...
+  assert sizes[False, 100] - sizes[False, 10] >= 90 * 32 * 8
+  # ... the implicit meta-gradient keeps none.
+  assert sizes[True, 100] == sizes[True, 10]
+
+
+def _mlp_loss_linear(w, batch):
+  X, y = batch
+  return jnp.mean(jnp.tanh(X @ w - y) ** 2)
+
+
+def test_misuse_errors():
+  with pytest.raises(ValueError, match="exactly one of inner_lr"):
+    maml_loss(_mlp_loss)
+  with pytest.raises(ValueError, match="exactly one of inner_lr"):
+    maml_loss(_mlp_loss, inner_lr=0.1, inner_optimizer=optax.sgd(0.1))
+  with pytest.raises(ValueError, match="inner_steps"):
+    maml_loss(_mlp_loss, inner_lr=0.1, inner_steps=0)
+  with pytest.raises(ValueError, match="pass implicit=True"):
+    maml_loss(_mlp_loss, inner_lr=0.1, proximal_lambda=1.0)
+  with pytest.raises(ValueError, match="proximal_lambda > 0"):
+    maml_loss(_mlp_loss, inner_lr=0.1, implicit=True)
+  with pytest.raises(ValueError, match="exclusive"):
+    maml_loss(_mlp_loss, inner_lr=0.1, implicit=True, first_order=True, proximal_lambda=1.0)
+  with pytest.raises(ValueError, match="cg_steps"):
+    maml_loss(_mlp_loss, inner_lr=0.1, implicit=True, proximal_lambda=1.0, cg_steps=0)
