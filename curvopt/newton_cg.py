@@ -53,7 +53,8 @@ class NewtonCGState(NamedTuple):
 
   Attributes:
     count: number of updates so far.
-    direction: the last finite CG solution :math:`d` (the warm start of the next solve).
+    direction: the last accepted direction :math:`d` (zero after a rejected step), the warm
+      start of the next solve.
     damping: the current :math:`\lambda` (already adapted for the next step).
     rho: reduction ratio of the last step (actual / predicted decrease of the full step
       :math:`-d` on the same mini-batch); ``-inf`` for a non-finite step, ``nan`` when no
@@ -178,7 +179,10 @@ def scale_by_newton_cg(
   the reduction ratio :math:`\rho = (f(\theta - d) - f(\theta)) / q(-d)` is measured on the
   same mini-batch; then :math:`\lambda \leftarrow \tfrac32 \lambda` if :math:`\rho < \tfrac14`,
   :math:`\lambda \leftarrow \tfrac23 \lambda` if :math:`\rho > \tfrac34`, clipped to
-  ``damping_bounds`` (when ``adapt_damping``).
+  ``damping_bounds`` (when ``adapt_damping``). When CG meets non-positive curvature
+  :math:`\mu = p^\top (C + \lambda I) p / p^\top p \le 0` along a direction :math:`p`,
+  :math:`\lambda` is also raised to at least :math:`\tfrac32 (\lambda - \mu)`, which makes the
+  damped curvature positive along :math:`p` at the next step.
 
   **Rejection.** A step whose loss or direction is non-finite, or (unless ``accept_ratio`` is
   ``None``) whose :math:`\rho \le` ``accept_ratio``, returns a zero update, raises the damping
@@ -413,6 +417,9 @@ def scale_by_newton_cg(
         lam * damping_increase,
         jnp.where(rho > 0.75, lam * damping_decrease, lam),
       )
+      # On negative curvature, make C + new_lam I positive along the offending direction.
+      needed = 1.5 * (lam - result.min_curvature)
+      new_lam = jnp.where(result.negative_curvature, jnp.maximum(new_lam, needed), new_lam)
       new_lam = jnp.clip(new_lam, lo, hi).astype(dtype)
     else:
       new_lam = lam
@@ -420,7 +427,7 @@ def scale_by_newton_cg(
     out = optax.tree.where(accept, d, zeros)
     new_state = NewtonCGState(
       count=optax.safe_increment(state.count),
-      direction=optax.tree.where(finite_d, d, zeros),
+      direction=out,
       damping=new_lam,
       rho=rho,
       loss=loss,

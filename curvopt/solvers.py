@@ -38,6 +38,8 @@ class CGResult(NamedTuple):
     converged: whether the residual or the progress criterion was met.
     selected_step: the iteration whose iterate is returned (differs from ``num_steps`` only
       with ``backtrack_fn``, or on an early non-finite exit).
+    min_curvature: the smallest Rayleigh quotient :math:`p_k^\top A p_k / p_k^\top p_k` of
+      the search directions (an upper bound on :math:`\lambda_{\min}(A)`; ``inf`` if none).
   """
 
   x: Any
@@ -48,6 +50,7 @@ class CGResult(NamedTuple):
   negative_curvature: jax.Array
   converged: jax.Array
   selected_step: jax.Array
+  min_curvature: jax.Array
 
 
 class _Carry(NamedTuple):
@@ -63,6 +66,7 @@ class _Carry(NamedTuple):
   selected_step: jax.Array
   saved_x: Any
   saved_phi: jax.Array
+  min_curvature: jax.Array
 
 
 def _backtrack_schedule(max_steps: int, factor: float) -> tuple[int, ...]:
@@ -202,11 +206,14 @@ def conjugate_gradient(
     selected_step=jnp.zeros((), jnp.int32),
     saved_x=saved_x,
     saved_phi=jnp.full((num_saved,), jnp.inf, dtype),
+    min_curvature=jnp.asarray(jnp.inf, dtype),
   )
 
   def body(c: _Carry) -> _Carry:
     ap = matvec(c.p)
     pap = vdot(c.p, ap)
+    rayleigh = pap / vdot(c.p, c.p)
+    min_curvature = jnp.where(rayleigh < c.min_curvature, rayleigh, c.min_curvature)
     alpha = c.rz / pap
     x_new = optax.tree.add_scale(c.x, alpha, c.p)
     r_new = optax.tree.add_scale(c.r, -alpha, ap)
@@ -272,6 +279,7 @@ def conjugate_gradient(
       selected_step=selected,
       saved_x=saved_x,
       saved_phi=saved_phi,
+      min_curvature=min_curvature,
     )
 
   c = jax.lax.while_loop(lambda c: ~c.done, body, carry)
@@ -301,4 +309,5 @@ def conjugate_gradient(
     negative_curvature=c.status == _NEGATIVE,
     converged=(c.status == _RESIDUAL) | (c.status == _PROGRESS),
     selected_step=selected,
+    min_curvature=c.min_curvature,
   )
