@@ -1,0 +1,209 @@
+"""Per-example clipped gradient vs a plain mini-batch gradient: time and peak-memory ratios.
+
+    python benchmarks/per_example.py [--quick]
+
+Models: an MLP 784-256-256-10 (ReLU) and a small CNN (two 3x3 convolutions, 8 and 16
+channels, on 28x28x1 inputs, then a dense layer to 10), softmax cross-entropy, float32.
+Columns, each as a ratio to ``jax.grad`` of the batch-mean loss measured in the same run:
+
+- ``vmap``: ``clipped_grad(method="vmap")`` (per-example gradients, one contraction);
+- ``chunked``: the same with ``chunk_size=32`` (lax.scan over chunks, bounded memory);
+- ``loop``: a Python loop over examples of a jitted one-example gradient, clipped and summed
+  on the host side of the loop (the naive reference);
+- ``ghost``: ``clipped_grad(method="ghost")``, included whenever it works.
+
+Time: median of repeats after a compile warm-up, ``block_until_ready``. Peak memory: XLA's
+``compiled.memory_analysis()`` (temporaries + outputs) of the jitted function; for the loop,
+that of one jitted per-example step.
+"""
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import median_seconds, print_table  # noqa: E402
+
+from curvopt.per_example import clipped_grad  # noqa: E402
+
+CLIP = 1.0
+
+
+def mlp_params(key, sizes=(784, 256, 256, 10)):
+  keys = jax.random.split(key, len(sizes) - 1)
+  return [
+    {
+      "w": jax.random.normal(k, (m, n), jnp.float32) / np.sqrt(m),
+      "b": jnp.zeros(n, jnp.float32),
+    }
+    for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True)
+  ]
+
+
+def mlp_loss(params, example):
+  h = example["x"]
+  for layer in params[:-1]:
+    h = jax.nn.relu(h @ layer["w"] + layer["b"])
+  logits = h @ params[-1]["w"] + params[-1]["b"]
+  return -jax.nn.log_softmax(logits)[example["y"]]
+
+
+def cnn_params(key):
+  k1, k2, k3 = jax.random.split(key, 3)
+  return {
+    "conv1": jax.random.normal(k1, (3, 3, 1, 8), jnp.float32) / 3.0,
+    "conv2": jax.random.normal(k2, (3, 3, 8, 16), jnp.float32) / np.sqrt(72.0),
+    "dense": jax.random.normal(k3, (7 * 7 * 16, 10), jnp.float32) / np.sqrt(784.0),
+    "bias": jnp.zeros(10, jnp.float32),
+  }
+
+
+def cnn_loss(params, example):
+  x = example["x"].reshape(1, 28, 28, 1)
+  dims = ("NHWC", "HWIO", "NHWC")
+  x = jax.nn.relu(
+    jax.lax.conv_general_dilated(x, params["conv1"], (2, 2), "SAME", dimension_numbers=dims)
+  )
+  x = jax.nn.relu(
+    jax.lax.conv_general_dilated(x, params["conv2"], (2, 2), "SAME", dimension_numbers=dims)
+  )
+  logits = x.reshape(-1) @ params["dense"] + params["bias"]
+  return -jax.nn.log_softmax(logits)[example["y"]]
+
+
+def make_batch(key, size):
+  kx, ky = jax.random.split(key)
+  return {
+    "x": jax.random.normal(kx, (size, 784), jnp.float32),
+    "y": jax.random.randint(ky, (size,), 0, 10),
+  }
+
+
+def peak_bytes(fn, *args):
+  stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+  if stats is None:
+    return float("nan")
+  return stats.temp_size_in_bytes + stats.output_size_in_bytes
+
+
+def plain_grad_fn(loss_fn):
+  def batch_loss(params, batch):
+    return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(params, batch))
+
+  return jax.grad(batch_loss)
+
+
+def loop_clipped_grad(loss_fn, params, batch, size):
+  """Naive reference: one jitted per-example gradient per example, clipped and summed."""
+  step = _loop_step(loss_fn)
+  total = jax.tree.map(jnp.zeros_like, params)
+  for i in range(size):
+    total = step(params, total, jax.tree.map(lambda x, i=i: x[i], batch))
+  return jax.tree.map(lambda t: t / size, total)
+
+
+@functools.cache
+def _loop_step(loss_fn):
+  @jax.jit
+  def step(params, total, example):
+    g = jax.grad(loss_fn)(params, example)
+    norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
+    factor = jnp.minimum(1.0, CLIP / norm)
+    return jax.tree.map(lambda t, x: t + factor * x, total, g)
+
+  return step
+
+
+def measure(name, loss_fn, params, batch, *, repeats, with_loop=True, with_chunked=True):
+  size = batch["y"].shape[0]
+  plain = jax.jit(plain_grad_fn(loss_fn))
+  t_plain = median_seconds(lambda: plain(params, batch), repeats=repeats)
+  m_plain = peak_bytes(plain_grad_fn(loss_fn), params, batch)
+  row = {"plain": (t_plain, m_plain)}
+  candidates = {"vmap": clipped_grad(loss_fn, CLIP)}
+  if with_chunked:
+    candidates["chunked"] = clipped_grad(loss_fn, CLIP, chunk_size=32)
+  try:
+    ghost = clipped_grad(loss_fn, CLIP, method="ghost")
+    jax.block_until_ready(jax.jit(ghost)(params, batch))
+    candidates["ghost"] = ghost
+  except Exception as e:  # noqa: BLE001 (the ghost column is optional)
+    print(f"[{name}] ghost column skipped: {type(e).__name__}: {e}", file=sys.stderr)
+  for label, fn in candidates.items():
+    jitted = jax.jit(fn)
+    row[label] = (
+      median_seconds(lambda jitted=jitted: jitted(params, batch), repeats=repeats) / t_plain,
+      peak_bytes(fn, params, batch) / m_plain,
+    )
+  if with_loop:
+    t_loop = median_seconds(
+      lambda: loop_clipped_grad(loss_fn, params, batch, size), repeats=max(2, repeats // 3)
+    )
+    example = jax.tree.map(lambda x: x[0], batch)
+    m_loop = peak_bytes(
+      lambda p, t, e: _loop_step(loss_fn).__wrapped__(p, t, e), params, params, example
+    )
+    row["loop"] = (t_loop / t_plain, m_loop / m_plain)
+  return row
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="fewer repeats")
+  args = parser.parse_args()
+  repeats = 3 if args.quick else 7
+  key = jax.random.key(0)
+  print(
+    f"# per-example clipping benchmark on {jax.devices()[0].device_kind} ({jax.default_backend()})"
+  )
+
+  columns = ["vmap", "chunked", "loop", "ghost"]
+  rows_t, rows_m = [], []
+  models = [
+    ("MLP 784-256-256-10, B=256", mlp_loss, mlp_params(key)),
+    ("CNN conv8-conv16-dense, B=256", cnn_loss, cnn_params(key)),
+  ]
+  for name, loss_fn, params in models:
+    batch = make_batch(jax.random.key(1), 256)
+    row = measure(name, loss_fn, params, batch, repeats=repeats)
+    t_plain, m_plain = row["plain"]
+    rows_t.append(
+      [name, f"{1e3 * t_plain:.3g} ms"] + [row[c][0] if c in row else "n/a" for c in columns]
+    )
+    rows_m.append(
+      [name, f"{m_plain / 2**20:.3g} MiB"] + [row[c][1] if c in row else "n/a" for c in columns]
+    )
+  print_table(
+    "Time, ratio to a plain mini-batch gradient", ["model", "plain grad"] + columns, rows_t
+  )
+  print_table(
+    "Peak memory (XLA temporaries + outputs), ratio to a plain mini-batch gradient",
+    ["model", "plain grad"] + columns,
+    rows_m,
+  )
+
+  rows_b = []
+  params = mlp_params(key)
+  for size in (8, 32, 128, 256):
+    batch = make_batch(jax.random.key(1), size)
+    row = measure(
+      "MLP", mlp_loss, params, batch, repeats=repeats, with_loop=False, with_chunked=False
+    )
+    rows_b.append(
+      [size, f"{1e3 * row['plain'][0]:.3g} ms"]
+      + [row[c][i] if c in row else "n/a" for c in ("vmap", "ghost") for i in (0, 1)]
+    )
+  print_table(
+    "MLP 784-256-256-10 by batch size, ratios to a plain mini-batch gradient",
+    ["batch", "plain grad", "vmap time", "vmap memory", "ghost time", "ghost memory"],
+    rows_b,
+  )
+
+
+if __name__ == "__main__":
+  main()
