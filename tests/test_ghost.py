@@ -1,0 +1,348 @@
+"""Tests for curvopt.ghost: ghost norms and weighted sums against explicit per-example loops."""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from curvopt.ghost import ghost_clipped_sum
+
+RTOL = 1e-4
+
+
+def _loop_reference(loss_fn, params, batch, weights):
+  """Per-example squared norms and weighted sum by a Python loop of ``jax.grad``."""
+  size = jax.tree.leaves(batch)[0].shape[0]
+  grad_fn = jax.jit(jax.grad(loss_fn))  # one compilation, one call per example
+  grads = [grad_fn(params, jax.tree.map(lambda x: x[i], batch)) for i in range(size)]
+  sq = jax.tree.map(lambda *gs: np.array([np.sum(np.square(g)) for g in gs]), *grads)
+  total = jax.tree.map(
+    lambda w, *gs: sum(np.asarray(w[i]) * np.asarray(gs[i]) for i in range(size)),
+    weights,
+    *grads,
+  )
+  return total, sq
+
+
+def _leaf_weights(params, size, seed=0):
+  """Different weights on every leaf (per-layer clipping), one of them exactly 0."""
+  leaves, treedef = jax.tree.flatten(params)
+  rng = np.random.default_rng(seed)
+  ws = []
+  for leaf in leaves:
+    w = rng.uniform(0.1, 1.0, size)
+    w[size // 2] = 0.0
+    ws.append(jnp.asarray(w, jnp.result_type(leaf)))
+  return jax.tree.unflatten(treedef, ws)
+
+
+def _assert_tree_close(actual, expected, rtol=RTOL, atol_scale=1e-6):
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected), strict=True
+  ):
+    b = np.asarray(b)
+    atol = atol_scale * max(float(np.max(np.abs(b), initial=0.0)), 1e-30)
+    np.testing.assert_allclose(
+      np.asarray(a), b, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+    )
+
+
+def _check(loss_fn, params, batch, *, expect_warning=False, rtol=RTOL, eager=False):
+  """Ghost (jitted, and eager if asked) against the loop; no fallback warning unless expected."""
+  size = jax.tree.leaves(batch)[0].shape[0]
+  weights = _leaf_weights(params, size)
+  ref_total, ref_sq = _loop_reference(loss_fn, params, batch, weights)
+  seen = []
+
+  def weight_fn(sq):
+    seen.append(jax.tree.map(jnp.shape, sq))
+    return weights
+
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    jit_total, jit_sq = jax.jit(lambda p, b: ghost_clipped_sum(loss_fn, p, b, weight_fn))(
+      params, batch
+    )
+    if eager:
+      total, sq = ghost_clipped_sum(loss_fn, params, batch, weight_fn)
+      _assert_tree_close(sq, ref_sq, rtol)
+      _assert_tree_close(total, ref_total, rtol)
+  ghost_warnings = [w for w in caught if "ghost clipping" in str(w.message)]
+  assert bool(ghost_warnings) == expect_warning, [str(w.message) for w in ghost_warnings]
+  assert seen[0] == jax.tree.map(lambda _: (size,), params)
+  _assert_tree_close(jit_sq, ref_sq, rtol)
+  _assert_tree_close(jit_total, ref_total, rtol)
+  return ghost_warnings
+
+
+def _nnx_loss(model, loss):
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss_fn(p, example):
+    return loss(nnx.merge(graphdef, p), example)
+
+  return loss_fn, params
+
+
+def _regression(out, y):
+  return 0.5 * jnp.sum(jnp.square(out - y))
+
+
+# ---------------------------------------------------------------------------------------------
+# Models.
+
+
+class _MLP(nnx.Module):
+  def __init__(self, sizes, use_bias, rngs):
+    self.layers = nnx.List(
+      [
+        nnx.Linear(a, b, use_bias=use_bias, rngs=rngs)
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+      ]
+    )
+
+  def __call__(self, x):
+    for layer in self.layers[:-1]:
+      x = jnp.tanh(layer(x))
+    return self.layers[-1](x)
+
+
+class _CNN(nnx.Module):
+  def __init__(self, use_bias, rngs):
+    self.conv1 = nnx.Conv(2, 3, (3, 3), use_bias=use_bias, rngs=rngs)
+    self.conv2 = nnx.Conv(3, 4, (2, 2), strides=2, padding="VALID", use_bias=use_bias, rngs=rngs)
+    self.head = nnx.Linear(4 * 3 * 3, 2, use_bias=use_bias, rngs=rngs)
+
+  def __call__(self, x):
+    x = jnp.tanh(self.conv1(x))
+    x = jnp.tanh(self.conv2(x))
+    return self.head(x.reshape(-1))
+
+
+class _EmbedDense(nnx.Module):
+  def __init__(self, use_bias, rngs):
+    self.embed = nnx.Embed(7, 5, rngs=rngs)
+    self.dense = nnx.Linear(5, 3, use_bias=use_bias, rngs=rngs)
+
+  def __call__(self, tokens):
+    return self.dense(jnp.tanh(self.embed(tokens))).mean(axis=0)
+
+
+class _Sequence(nnx.Module):
+  """Dense layers over a time axis; sizes chosen so both the Gram and direct rules run."""
+
+  def __init__(self, use_bias, rngs):
+    self.wide = nnx.Linear(3, 16, use_bias=use_bias, rngs=rngs)  # N(K+P) < KP: Gram
+    self.narrow = nnx.Linear(16, 2, use_bias=use_bias, rngs=rngs)  # N(K+P) > KP: direct
+    self.norm = nnx.LayerNorm(2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.norm(self.narrow(jnp.tanh(self.wide(x)))).sum(axis=0)
+
+
+def _data(key, size, x_shape, y_dim, dtype=jnp.float32):
+  kx, ky = jax.random.split(key)
+  x = jax.random.normal(kx, (size, *x_shape), dtype)
+  y = jax.random.normal(ky, (size, y_dim), dtype)
+  return {"x": x, "y": y}
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_nnx_mlp(use_bias):
+  model = _MLP([6, 5, 4, 3], use_bias, nnx.Rngs(0))
+  loss_fn, params = _nnx_loss(model, lambda m, ex: _regression(m(ex["x"]), ex["y"]))
+  _check(loss_fn, params, _data(jax.random.key(1), 6, (6,), 3))
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_nnx_cnn(use_bias):
+  model = _CNN(use_bias, nnx.Rngs(0))
+  loss_fn, params = _nnx_loss(model, lambda m, ex: _regression(m(ex["x"]), ex["y"]))
+  _check(loss_fn, params, _data(jax.random.key(2), 4, (6, 6, 2), 2))
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_nnx_embedding_dense(use_bias):
+  model = _EmbedDense(use_bias, nnx.Rngs(0))
+  loss_fn, params = _nnx_loss(model, lambda m, ex: _regression(m(ex["tokens"]), ex["y"]))
+  tokens = jnp.array([[1, 2, 1, 6, 1], [0, 0, 0, 0, 0], [3, 4, 5, 6, 2], [6, 5, 6, 5, 6]])
+  y = jax.random.normal(jax.random.key(3), (4, 3), jnp.float32)
+  _check(loss_fn, params, {"tokens": tokens, "y": y})
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_nnx_sequence_model(use_bias):
+  model = _Sequence(use_bias, nnx.Rngs(0))
+  loss_fn, params = _nnx_loss(model, lambda m, ex: _regression(m(ex["x"]), ex["y"]))
+  # float64: a LayerNorm over 2 features amplifies float32 rounding between the batched and
+  # the one-example evaluation beyond the tolerance.
+  params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+  _check(loss_fn, params, _data(jax.random.key(4), 5, (4, 3), 2, jnp.float64), rtol=1e-9)
+
+
+class _LinenCNN(nn.Module):
+  use_bias: bool
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Conv(3, (3, 3), use_bias=self.use_bias)(x))
+    x = jnp.tanh(nn.Conv(2, (3, 3), kernel_dilation=2, padding="VALID", use_bias=self.use_bias)(x))
+    return nn.Dense(2, use_bias=self.use_bias)(x.reshape(-1))
+
+
+class _LinenSeq(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    h = nn.Embed(9, 4)(tokens)
+    h = jnp.tanh(nn.Dense(6)(h))
+    return nn.Dense(2)(h).sum(axis=0)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_linen_mlp_and_cnn(use_bias):
+  model = _LinenCNN(use_bias)
+  batch = _data(jax.random.key(5), 4, (7, 7, 2), 2)
+  params = model.init(jax.random.key(0), batch["x"][0])
+  _check(lambda p, ex: _regression(model.apply(p, ex["x"]), ex["y"]), params, batch)
+
+
+def test_linen_embedding_sequence():
+  model = _LinenSeq()
+  tokens = jnp.array([[1, 1, 8, 0], [2, 3, 2, 3], [4, 4, 4, 4]])
+  params = model.init(jax.random.key(0), tokens[0])
+  y = jax.random.normal(jax.random.key(6), (3, 2), jnp.float32)
+  loss_fn = lambda p, ex: _regression(model.apply(p, ex["tokens"]), ex["y"])
+  _check(loss_fn, params, {"tokens": tokens, "y": y})
+
+
+def test_plain_jnp_parameters_on_either_side_and_batched_heads():
+  """``x @ W``, ``W @ x`` (parameter on the left) and a per-head einsum (dot batch dims)."""
+  k = jax.random.split(jax.random.key(7), 4)
+  params = {
+    "w_in": jax.random.normal(k[0], (3, 4), jnp.float64),
+    "w_left": jax.random.normal(k[1], (5, 4), jnp.float64),
+    "heads": jax.random.normal(k[2], (2, 5, 3), jnp.float64),
+    "b": jnp.array([0.1, -0.2, 0.3, 0.0, 0.5]),
+  }
+
+  def loss_fn(p, x):  # x: (T, 3)
+    h = jnp.tanh(x @ p["w_in"])  # (T, 4)
+    h = jnp.tanh((p["w_left"] @ h.T).T + p["b"])  # (T, 5)
+    h2 = h.reshape(h.shape[0], 1, 5) * jnp.ones((1, 2, 1))  # (T, 2 heads, 5)
+    out = jnp.einsum("thd,hde->the", h2, p["heads"])
+    return jnp.sum(jnp.sin(out))
+
+  x = jax.random.normal(k[3], (4, 6, 3), jnp.float64)
+  _check(loss_fn, params, x, rtol=1e-9)
+
+
+def test_unsupported_parameters_fall_back_exactly_and_say_so_once():
+  """Tied weights, a parameter through a nonlinearity and a grouped conv use the fallback."""
+  k = jax.random.split(jax.random.key(8), 5)
+  params = {
+    "tied": jax.random.normal(k[0], (3, 3), jnp.float64),
+    "gate": jax.random.normal(k[1], (3,), jnp.float64),
+    "grouped": jax.random.normal(k[2], (3, 3, 1, 4), jnp.float64),
+    "dense": jax.random.normal(k[3], (3, 2), jnp.float64),
+  }
+
+  def loss_fn(p, ex):
+    h = jnp.tanh(ex["x"] @ p["tied"]) @ p["tied"].T * jax.nn.sigmoid(p["gate"])
+    img = jax.lax.conv_general_dilated(
+      ex["img"][None],
+      p["grouped"],
+      (1, 1),
+      "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=2,
+    )
+    return jnp.sum(jnp.tanh(h @ p["dense"])) + jnp.sum(jnp.tanh(img))
+
+  batch = {
+    "x": jax.random.normal(k[4], (4, 3), jnp.float64),
+    "img": jax.random.normal(k[4], (4, 5, 5, 2), jnp.float64),
+  }
+  caught = _check(loss_fn, params, batch, expect_warning=True, rtol=1e-9)
+  assert len(caught) == 1  # one trace, one warning naming every such leaf
+  message = str(caught[0].message)
+  for name in ("'tied'", "'gate'", "'grouped'"):
+    assert name in message
+  assert "'dense'" not in message
+
+
+def test_zero_weight_example_with_nan_contributes_exactly_zero():
+  model = _MLP([4, 5, 2], True, nnx.Rngs(0))
+  loss_fn, params = _nnx_loss(model, lambda m, ex: _regression(m(ex["x"]), ex["y"]))
+  batch = _data(jax.random.key(9), 4, (4,), 2)
+  batch["x"] = batch["x"].at[1, 2].set(jnp.nan)
+  weight_fn = lambda sq: jax.tree.map(lambda s: jnp.where(jnp.isfinite(s), 0.5, 0.0), sq)
+  total, sq = jax.jit(lambda p, b: ghost_clipped_sum(loss_fn, p, b, weight_fn))(params, batch)
+  for s in jax.tree.leaves(sq):
+    assert not np.isfinite(s[1]) and np.all(np.isfinite(np.delete(np.asarray(s), 1)))
+  keep = jnp.array([0, 2, 3])
+  ref, _ = _loop_reference(
+    loss_fn,
+    params,
+    jax.tree.map(lambda x: x[keep], batch),
+    jax.tree.map(lambda _: jnp.full((3,), 0.5, jnp.float32), params),
+  )
+  _assert_tree_close(total, ref)
+
+
+def test_unused_parameter_has_zero_norm_and_sum():
+  params = {"w": jnp.ones((3,), jnp.float32), "unused": jnp.ones((2,), jnp.float32)}
+  x = jnp.arange(6.0, dtype=jnp.float32).reshape(2, 3)
+  total, sq = ghost_clipped_sum(
+    lambda p, xi: xi @ p["w"], params, x, lambda s: jax.tree.map(jnp.ones_like, s)
+  )
+  np.testing.assert_allclose(sq["w"], [5.0, 50.0])
+  np.testing.assert_array_equal(sq["unused"], [0.0, 0.0])
+  np.testing.assert_array_equal(total["unused"], [0.0, 0.0])
+  np.testing.assert_allclose(total["w"], [3.0, 5.0, 7.0])
+
+
+def test_eager_matches_loop():
+  """Outside jit too (plain ``jnp``, so that op-by-op dispatch stays cheap)."""
+  k = jax.random.split(jax.random.key(11), 3)
+  params = {"w": jax.random.normal(k[0], (3, 2), jnp.float32), "b": jnp.zeros((2,), jnp.float32)}
+  loss_fn = lambda p, ex: jnp.sum(jnp.tanh(ex @ p["w"] + p["b"]) ** 2)
+  _check(loss_fn, params, jax.random.normal(k[1], (4, 5, 3), jnp.float32), eager=True)
+
+
+def test_misuse_raises():
+  with pytest.raises(ValueError, match="leading"):
+    ghost_clipped_sum(
+      lambda p, ex: ex["a"].sum() * p,
+      jnp.ones(()),
+      {"a": jnp.ones((3, 2)), "b": jnp.ones((4,))},
+      lambda s: s,
+    )
+  with pytest.raises(ValueError, match="one scalar per example"):
+    ghost_clipped_sum(lambda p, x: x * p, jnp.ones(()), jnp.ones((3, 2)), lambda s: s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the public API, against the vmap method.
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_clipped_grad_ghost_matches_vmap(per_layer):
+  per_example = pytest.importorskip("curvopt.per_example")
+  model = _CNN(True, nnx.Rngs(1))
+  loss_fn, params = _nnx_loss(model, lambda m, ex: _regression(m(ex["x"]), ex["y"]))
+  batch = _data(jax.random.key(10), 6, (6, 6, 2), 2)
+  batch["x"] = batch["x"].at[4, 0, 0, 0].set(jnp.nan)
+  is_padding = jnp.array([False, False, False, False, False, True])
+  outs = {}
+  for method in ("vmap", "ghost"):
+    fn = per_example.clipped_grad(loss_fn, 0.5, method=method, per_layer=per_layer)
+    outs[method] = jax.jit(fn)(params, batch, is_padding)
+  mean_v, norms_v = outs["vmap"]
+  mean_g, norms_g = outs["ghost"]
+  _assert_tree_close(mean_g, mean_v)
+  _assert_tree_close(jax.tree.map(jnp.nan_to_num, norms_g), jax.tree.map(jnp.nan_to_num, norms_v))
+  assert all(np.all(np.isfinite(m)) for m in jax.tree.leaves(mean_g))
