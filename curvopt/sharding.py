@@ -94,7 +94,7 @@ def batch_sharding(mesh: Mesh, axis_name: str = "data") -> NamedSharding:
 
   Examples:
     >>> batch_sharding(data_mesh(1)).spec
-    PartitionSpec('data',)
+    P('data',)
   """
   _check_axis(mesh, axis_name)
   return NamedSharding(mesh, PartitionSpec(axis_name))
@@ -143,7 +143,7 @@ def shard_batch(batch: PyTree, mesh: Mesh, axis_name: str = "data") -> PyTree:
   Examples:
     >>> x = shard_batch(jnp.arange(8.0).reshape(4, 2), data_mesh(1))
     >>> x.sharding.spec, x.shape
-    (PartitionSpec('data',), (4, 2))
+    (P('data',), (4, 2))
   """
   sharding = batch_sharding(mesh, axis_name)
   n = mesh.shape[axis_name]
