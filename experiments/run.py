@@ -15,6 +15,8 @@ from curvopt.experiment.runner import TaskEntry, main  # noqa: E402
 # task name -> module in experiments/ defining `Config` (schema) and `build(cfg, dtype)`.
 TASK_MODULES = {
   "logreg": "logreg",
+  "autoencoder": "autoencoder",
+  "classification": "classification",
 }
 
 

@@ -24,11 +24,17 @@ Params = Any
 
 @dataclass
 class OptimizerConfig:
-  """Fields shared by every optimiser entry."""
+  """Fields shared by every optimiser entry.
+
+  ``steps`` and ``eval_every`` override the experiment's ``budget.steps`` and ``eval_every``
+  for this entry (a second-order method takes fewer, costlier steps).
+  """
 
   name: str = "?"
   label: str | None = None
   variant: str | None = None
+  steps: int | None = None
+  eval_every: int | None = None
 
 
 @dataclass

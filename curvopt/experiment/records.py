@@ -82,7 +82,7 @@ def _reached(value: float | None, target: float, higher_is_better: bool) -> bool
 def _fmt(values: Sequence[float | None], digits: int = 4) -> str:
   vals = [v for v in values if v is not None]
   if not vals:
-    return "—" if not values else "nan"
+    return "—"
   if len(vals) < len(values):
     return f"{np.mean(vals):.{digits}g} ({len(values) - len(vals)} nan)"
   if len(vals) == 1:
@@ -138,12 +138,13 @@ def summary_markdown(
   *,
   target: float | None = None,
   extra_metrics: Sequence[str] = (),
+  higher_is_better: bool = False,
 ) -> str:
   """The summary table as Markdown (what is printed and saved to ``summary.md``)."""
   head = ["optimizer", "steps", f"final {metric}", f"best {metric}"]
-  head += [f"final {m}" for m in extra_metrics]
+  head += ["compile (s)" if m == "compile_time" else f"final {m}" for m in extra_metrics]
   if target is not None:
-    head += [f"steps to {metric}≤{target:g}", "time to target (s)"]
+    head += [f"steps to {metric}{'≥' if higher_is_better else '≤'}{target:g}", "time to target (s)"]
   head += ["train time (s)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row in rows:

@@ -181,7 +181,7 @@ def run_experiment(
 
   evaluate = jax.jit(task.evaluate)
   kill_after = int(os.environ.get(_KILL_ENV, "0") or 0)
-  progress = _progress(exp.progress, len(runs) * exp.budget.steps)
+  progress = _progress(exp.progress, sum(_budget(exp, o)[0] for o, _, _ in runs))
   num_evals = 0
   try:
     for opt, method, seed in runs:
@@ -203,10 +203,9 @@ def run_experiment(
         if _INTERRUPT_AFTER_EVALS and num_evals >= _INTERRUPT_AFTER_EVALS:
           raise KeyboardInterrupt
 
-      if method.external is not None:
-        _run_external(task, method, seed, exp, ck, log_eval, progress, label)
-      else:
-        _run_compiled(task, method, seed, exp, ck, log_eval, progress, label)
+      steps, every = _budget(exp, opt)
+      run = _run_external if method.external is not None else _run_compiled
+      run(task, method, seed, steps, every, exp.budget.seconds, exp, ck, log_eval, progress, label)
   finally:
     if progress is not None:
       progress.close()
@@ -219,7 +218,9 @@ def run_experiment(
   rows = records.summarize(
     recs, metric, higher_is_better=task.higher_is_better, target=exp.target, extra_metrics=extra
   )
-  table = records.summary_markdown(rows, metric, target=exp.target, extra_metrics=extra)
+  table = records.summary_markdown(
+    rows, metric, target=exp.target, extra_metrics=extra, higher_is_better=task.higher_is_better
+  )
   best = records.best_row(rows, task.higher_is_better)
   header = (
     f"## {exp.name}\n\ntask: {cfg.task.name} · precision: {exp.precision.value} · "
@@ -251,12 +252,19 @@ def _progress(enabled: bool, total: int):
   return tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
+def _budget(exp, opt) -> tuple[int, int]:
+  """(steps, eval_every) of one optimiser entry: its own overrides, else the experiment's."""
+  return opt.steps or exp.budget.steps, opt.eval_every or exp.eval_every
+
+
 def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
   init_key, data_key = jax.random.split(jax.random.key(seed))
   return init_key, data_key
 
 
-def _run_compiled(task, method, seed, exp, ck, log_eval, progress, label) -> None:
+def _run_compiled(
+  task, method, seed, steps, every, seconds, exp, ck, log_eval, progress, label
+) -> None:
   init_key, data_key = _keys(seed)
   params = task.init_params(init_key)
   state = method.init(params)
@@ -269,7 +277,7 @@ def _run_compiled(task, method, seed, exp, ck, log_eval, progress, label) -> Non
       progress.update(step)
     if finished:
       if progress is not None:
-        progress.update(exp.budget.steps - step)
+        progress.update(steps - step)
       return
   else:
     log_eval(params, 0, 0.0, diagnostics)
@@ -287,9 +295,8 @@ def _run_compiled(task, method, seed, exp, ck, log_eval, progress, label) -> Non
   compiled = jax.jit(train).lower(carry, data_key, jnp.int32(0), jnp.int32(1)).compile()
   compile_time = time.perf_counter() - tic
   last_save = time.perf_counter()
-  steps = exp.budget.steps
-  while step < steps and (exp.budget.seconds is None or wall < exp.budget.seconds):
-    n = min(exp.eval_every, steps - step)
+  while step < steps and (seconds is None or wall < seconds):
+    n = min(every, steps - step)
     tic = time.perf_counter()
     carry = jax.block_until_ready(compiled(carry, data_key, jnp.int32(step), jnp.int32(n)))
     wall += time.perf_counter() - tic
@@ -298,7 +305,7 @@ def _run_compiled(task, method, seed, exp, ck, log_eval, progress, label) -> Non
       progress.set_description(label)
       progress.update(n)
     log_eval(carry[0], step, wall, carry[2], compile_time=compile_time)
-    finished = step >= steps or (exp.budget.seconds is not None and wall >= exp.budget.seconds)
+    finished = step >= steps or (seconds is not None and wall >= seconds)
     if finished or time.perf_counter() - last_save >= exp.checkpoint_interval_s:
       ck.save(step, carry, wall, finished)
       last_save = time.perf_counter()
@@ -306,7 +313,9 @@ def _run_compiled(task, method, seed, exp, ck, log_eval, progress, label) -> Non
     progress.update(steps - step)
 
 
-def _run_external(task, method, seed, exp, ck, log_eval, progress, label) -> None:
+def _run_external(
+  task, method, seed, steps, every, seconds, exp, ck, log_eval, progress, label
+) -> None:
   """Host-side baselines (scipy): rerun from the start unless a finished checkpoint exists."""
   init_key, _ = _keys(seed)
   params = task.init_params(init_key)
@@ -314,7 +323,7 @@ def _run_external(task, method, seed, exp, ck, log_eval, progress, label) -> Non
     _, _, _, finished = ck.restore(params)
     if finished:
       if progress is not None:
-        progress.update(exp.budget.steps)
+        progress.update(steps)
       return
   log_eval(params, 0, 0.0, {})
   clock = {"start": time.perf_counter(), "eval": 0.0, "step": 0, "params": params}
@@ -325,19 +334,19 @@ def _run_external(task, method, seed, exp, ck, log_eval, progress, label) -> Non
     if progress is not None:
       progress.set_description(label)
       progress.update(1)
-    if it % exp.eval_every == 0 or it == exp.budget.steps:
+    if it % every == 0 or it == steps:
       tic = time.perf_counter()
       log_eval(p, it, wall, {})
       clock["eval"] += time.perf_counter() - tic
       clock["logged"] = it
-    return exp.budget.seconds is not None and wall >= exp.budget.seconds
+    return seconds is not None and wall >= seconds
 
-  method.external(params, exp.budget.steps, callback)
+  method.external(params, steps, callback)
   wall = time.perf_counter() - clock["start"] - clock["eval"]
   if clock.get("logged") != clock["step"]:
     log_eval(clock["params"], clock["step"], wall, {})
   if progress is not None:
-    progress.update(max(exp.budget.steps - clock["step"], 0))
+    progress.update(max(steps - clock["step"], 0))
   ck.save(clock["step"], clock["params"], wall, True)
 
 
