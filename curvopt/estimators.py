@@ -227,7 +227,7 @@ def _stderr(samples: jax.Array) -> jax.Array:
   m = samples.shape[0]
   if m == 1:
     return jnp.asarray(jnp.inf, samples.dtype)
-  return jnp.std(samples, ddof=1) / np.sqrt(m)
+  return jnp.std(samples, ddof=1) / float(np.sqrt(m))
 
 
 def hutchpp_trace(
@@ -381,7 +381,7 @@ def _lanczos_flat(
   store = reorthogonalize or keep_basis
   basis0 = jnp.zeros((num_iters, n), dtype) if store else None
   eps = jnp.finfo(dtype).eps
-  breakdown_tol = 10.0 * np.sqrt(n) * eps
+  breakdown_tol = float(10.0 * np.sqrt(n) * eps)
 
   def step(carry, j):
     v, v_prev, beta_prev, basis, anorm = carry
@@ -642,5 +642,5 @@ def spectral_density(
   if grid_points is None:
     grid_points = jnp.linspace(lo - 6 * sigma, hi + 6 * sigma, num_points, dtype=op.dtype)
   z = (grid_points[:, None] - theta[None, :]) / sigma
-  density = (tau * jnp.exp(-0.5 * z**2)).sum(axis=1) / (np.sqrt(2 * np.pi) * sigma)
+  density = (tau * jnp.exp(-0.5 * z**2)).sum(axis=1) / (float(np.sqrt(2 * np.pi)) * sigma)
   return SpectralDensity(grid_points, density)
