@@ -12,7 +12,9 @@ Columns, each as a ratio to ``jax.grad`` of the batch-mean loss measured in the 
   on the host side of the loop (the naive reference);
 - ``ghost``: ``clipped_grad(method="ghost")``, included whenever it works.
 
-Time: median of repeats after a compile warm-up, ``block_until_ready``. Peak memory: XLA's
+Time: after a compile warm-up, ``block_until_ready``; each ratio is the median over rounds of
+(candidate time / plain time), the two timed back to back in each round (the machine may be
+shared). The plain-gradient column is its own median time. Peak memory: XLA's
 ``compiled.memory_analysis()`` (temporaries + outputs) of the jitted function; for the loop,
 that of one jitted per-example step.
 """
@@ -84,6 +86,20 @@ def make_batch(key, size):
   }
 
 
+def paired_ratio(fn, plain, *, rounds):
+  """Median over rounds of time(fn)/time(plain), each round timing both back to back.
+
+  The machine is shared: pairing the two measurements cancels most of the load drift that
+  separate medians would fold into the ratio.
+  """
+  ratios = []
+  for _ in range(rounds):
+    t_fn = median_seconds(fn, repeats=3, min_seconds=0.0)
+    t_plain = median_seconds(plain, repeats=3, min_seconds=0.0)
+    ratios.append(t_fn / t_plain)
+  return float(np.median(ratios))
+
+
 def peak_bytes(fn, *args):
   stats = jax.jit(fn).lower(*args).compile().memory_analysis()
   if stats is None:
@@ -134,21 +150,22 @@ def measure(name, loss_fn, params, batch, *, repeats, with_loop=True, with_chunk
     candidates["ghost"] = ghost
   except Exception as e:  # noqa: BLE001 (the ghost column is optional)
     print(f"[{name}] ghost column skipped: {type(e).__name__}: {e}", file=sys.stderr)
+  run_plain = lambda: plain(params, batch)
   for label, fn in candidates.items():
     jitted = jax.jit(fn)
     row[label] = (
-      median_seconds(lambda jitted=jitted: jitted(params, batch), repeats=repeats) / t_plain,
+      paired_ratio(lambda jitted=jitted: jitted(params, batch), run_plain, rounds=repeats),
       peak_bytes(fn, params, batch) / m_plain,
     )
   if with_loop:
-    t_loop = median_seconds(
-      lambda: loop_clipped_grad(loss_fn, params, batch, size), repeats=max(2, repeats // 3)
+    t_loop = paired_ratio(
+      lambda: loop_clipped_grad(loss_fn, params, batch, size), run_plain, rounds=2
     )
     example = jax.tree.map(lambda x: x[0], batch)
     m_loop = peak_bytes(
       lambda p, t, e: _loop_step(loss_fn).__wrapped__(p, t, e), params, params, example
     )
-    row["loop"] = (t_loop / t_plain, m_loop / m_plain)
+    row["loop"] = (t_loop, m_loop / m_plain)
   return row
 
 
