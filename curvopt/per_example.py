@@ -31,6 +31,12 @@ padded examples get weight 0 and nothing recompiles when the realised size chang
 
 NaN safety: an example whose gradient norm is not finite gets weight 0 (through ``jnp.where``,
 never ``0 * nan``), is counted, and cannot poison the sum.
+
+Two ways into DP-SGD (:func:`dp_sgd`, :func:`dp_aggregate`): pass per-example gradients (a
+leading example axis, as optax's ``differentially_private_aggregate`` expects), or pass the
+:class:`ClippedSum` that :func:`clipped_sum_fn` computes straight from ``loss_fn`` — with
+``method="ghost"`` no per-example gradient is ever materialised. The transformation then only
+adds the noise and divides, so the privacy-relevant steps are the same on both paths.
 """
 
 from collections.abc import Callable
@@ -563,7 +569,8 @@ def dp_aggregate(
   gradients (a leading example axis on every leaf, as ``optax.contrib.
   differentially_private_aggregate``), or a :class:`ClippedSum` from :func:`clipped_sum_fn`
   (e.g. with ``method="ghost"``, never materialising per-example gradients); ``is_padding`` is
-  ignored for a :class:`ClippedSum`, which already applied it. Non-finite examples are
+  ignored for a :class:`ClippedSum`, which already applied it (as were its own clip and
+  ``per_layer``: build it with the same ``l2_norm_clip``). Non-finite examples are
   dropped and counted in :class:`DPSGDState`.
 
   Args:
@@ -620,7 +627,10 @@ def dp_aggregate(
       out = (s.astype(dtype) + (noise_multiplier * l2_norm_clip) * noise) / denominator
       return out.astype(s.dtype)
 
-    out = jax.tree.map(noisy_mean, result.sum, keys)
+    if isinstance(noise_multiplier, int | float) and noise_multiplier == 0:
+      out = jax.tree.map(lambda s: s / jnp.asarray(denominator, s.dtype), result.sum)
+    else:
+      out = jax.tree.map(noisy_mean, result.sum, keys)
     new_state = DPSGDState(
       next_key,
       state.count + 1,
