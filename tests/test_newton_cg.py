@@ -72,6 +72,7 @@ def test_spd_quadratic_solved_in_one_step(use_jit):
   assert int(inner.num_rejected) == 0 and not bool(inner.negative_curvature)
 
 
+@pytest.mark.slow
 def test_digits_logistic_regression_as_few_iterations_as_scipy():
   x, y = _digits()
   params = {"w": jnp.zeros((64, 10)), "b": jnp.zeros(10)}
@@ -277,6 +278,7 @@ def test_ggn_minibatches_as_data_kwargs_train_and_compile_once():
   assert int(state[0].count) == 20 and np.isfinite(float(state[0].rho))
 
 
+@pytest.mark.slow
 def test_chains_with_backtracking_linesearch_under_jit():
   params, x, y, model_fn, loss_fn = _mlp_problem(3)
   value_fn = lambda p, x, y: loss_fn(model_fn(p, x), y)
@@ -308,6 +310,7 @@ def test_chains_with_backtracking_linesearch_under_jit():
     assert np.all(np.diff(losses) <= 0) and losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.slow
 def test_flax_nnx_optimizer():
   from flax import nnx
 
