@@ -4,7 +4,7 @@ For :math:`x^\star(a)` defined by :math:`x^\star = f(a, x^\star)`, differentiati
 gives :math:`\partial x^\star/\partial a = (I - \partial_x f)^{-1} \partial_a f`, so the
 vector-Jacobian product with a cotangent :math:`\bar x` is
 
-.. math:: \bar a = \bar u^\top \partial_a f(a, x^\star), \qquad
+.. math:: \bar a = u^\top \partial_a f(a, x^\star), \qquad
    u = \bar x + u^\top \partial_x f(a, x^\star),
 
 where :math:`u` is *itself* the fixed point of an affine map with the same contraction factor
@@ -25,13 +25,13 @@ FixedPointFn = Callable[[Any, Any], Any]
 
 
 class FixedPointSolution(NamedTuple):
-  """Result of :func:`fixed_point`.
+  r"""Result of :func:`fixed_point`.
 
   Attributes:
-    value: the fixed point :math:`x^\\star` (``x_init``'s structure), differentiable in ``a``.
+    value: the fixed point :math:`x^\star` (``x_init``'s structure), differentiable in ``a``.
     num_iters: number of evaluations of ``f`` made by the forward solve (int32).
     converged: whether the stopping rule was met within ``max_iter`` evaluations (bool).
-    error: the last step size :math:`\\max_i |f(a, x)_i - x_i|` (not differentiated).
+    error: the last step size :math:`\max_i |f(a, x)_i - x_i|` (not differentiated).
   """
 
   value: Any

@@ -25,7 +25,7 @@ the meta-gradient. Three ways to differentiate it:
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import optax
@@ -35,7 +35,21 @@ from curvopt.products import hvp_fn
 Params = Any
 Batch = Any
 TaskLossFn = Callable[[Params, Batch], jax.Array]
-MetaLossFn = Callable[[Params, Batch, Batch], jax.Array]
+MetaLossFn = Callable[[Params, Batch, Batch], Any]
+
+
+class MamlAux(NamedTuple):
+  r"""Auxiliary output of ``meta_loss`` when ``maml_loss(..., has_aux=True)``.
+
+  Attributes:
+    adapted_params: the task-adapted parameters :math:`\phi`.
+    inner_grad_norm: :math:`\|\nabla_\phi\|_2` of the inner objective at :math:`\phi`
+      (the support loss, plus the proximal term for iMAML), stop-gradiented: the stationarity
+      residual. iMAML's meta-gradient is exact only when it is near 0; check it.
+  """
+
+  adapted_params: Params
+  inner_grad_norm: jax.Array
 
 
 def _inner_loop(
@@ -65,6 +79,18 @@ def _inner_loop(
   return phi
 
 
+def _aux(objective: Callable[[Params], jax.Array], phi: Params) -> MamlAux:
+  grad_norm = optax.tree.norm(jax.grad(objective)(jax.lax.stop_gradient(phi)))
+  return MamlAux(phi, jax.lax.stop_gradient(grad_norm))
+
+
+def _proximal_objective(loss_fn, proximal_lambda, params, support):
+  return lambda phi: (
+    loss_fn(phi, support)
+    + 0.5 * proximal_lambda * optax.tree.norm(optax.tree.sub(phi, params), squared=True)
+  )
+
+
 def _negate(tree: Any) -> Any:
   return jax.tree.map(lambda g: g if g.dtype == jax.dtypes.float0 else -g, tree)
 
@@ -78,15 +104,9 @@ def _imaml_adapt_fn(
 ) -> Callable[[Params, Batch], Params]:
   """Returns ``(params, support) -> φ*`` with the iMAML implicit custom VJP."""
 
-  def proximal_objective(params, support):
-    return lambda phi: (
-      loss_fn(phi, support)
-      + 0.5 * proximal_lambda * optax.tree.norm(optax.tree.sub(phi, params), squared=True)
-    )
-
   @jax.custom_vjp
   def adapt(params, support):
-    objective = proximal_objective(params, support)
+    objective = _proximal_objective(loss_fn, proximal_lambda, params, support)
     return _inner_loop(objective, params, optimizer, inner_steps, first_order=False)
 
   def adapt_fwd(params, support):
@@ -119,6 +139,7 @@ def maml_loss(
   implicit: bool = False,
   proximal_lambda: float | None = None,
   cg_steps: int = 20,
+  has_aux: bool = False,
 ) -> MetaLossFn:
   r"""Returns ``meta_loss(params, support, query)``, whose gradient is the MAML meta-gradient.
 
@@ -155,9 +176,12 @@ def maml_loss(
     implicit: use the implicit (iMAML) meta-gradient; needs ``proximal_lambda``.
     proximal_lambda: :math:`\lambda > 0`, strength of the pull towards ``params``.
     cg_steps: conjugate-gradient iterations for the iMAML solve.
+    has_aux: if true, ``meta_loss`` returns ``(loss, MamlAux(adapted_params,
+      inner_grad_norm))``, to use with ``jax.grad(..., has_aux=True)``; the inner-loop
+      residual shows whether adaptation converged.
 
   Returns:
-    ``meta_loss(params, support, query) -> scalar``.
+    ``meta_loss(params, support, query) -> scalar`` (or ``(scalar, MamlAux)``).
 
   Raises:
     ValueError: for a missing or doubled inner optimiser, ``inner_steps < 1``, or
@@ -194,9 +218,11 @@ def maml_loss(
         f"proximal_lambda={proximal_lambda!r} is only used by implicit MAML; pass implicit=True."
       )
 
-    def meta_loss(params: Params, support: Batch, query: Batch) -> jax.Array:
+    def meta_loss(params: Params, support: Batch, query: Batch) -> Any:
       objective = lambda phi: loss_fn(phi, support)
       phi = _inner_loop(objective, params, optimizer, inner_steps, first_order)
+      if has_aux:
+        return loss_fn(phi, query), _aux(objective, phi)
       return loss_fn(phi, query)
 
     return meta_loss
@@ -212,7 +238,11 @@ def maml_loss(
     raise ValueError(f"cg_steps must be an int >= 1; got {cg_steps!r}.")
   adapt = _imaml_adapt_fn(loss_fn, optimizer, inner_steps, float(proximal_lambda), cg_steps)
 
-  def imaml_loss(params: Params, support: Batch, query: Batch) -> jax.Array:
-    return loss_fn(adapt(params, support), query)
+  def imaml_loss(params: Params, support: Batch, query: Batch) -> Any:
+    phi = adapt(params, support)
+    if has_aux:
+      objective = _proximal_objective(loss_fn, proximal_lambda, params, support)
+      return loss_fn(phi, query), _aux(objective, phi)
+    return loss_fn(phi, query)
 
   return imaml_loss
