@@ -199,6 +199,14 @@ def maml_loss(
     >>> float(jax.grad(fo)(2.0, 0.0, 1.0))
     0.5
 
+    iMAML on the same loss with :math:`\lambda = 1`:
+    :math:`\phi^\star = (c_s + \lambda w)/(1 + \lambda) = 1` (one step at rate 1/2 reaches
+    it) and :math:`d\phi^\star/dw = (1 + 1/\lambda)^{-1}`:
+
+    >>> imaml = maml_loss(loss_fn, inner_lr=0.5, implicit=True, proximal_lambda=1.0)
+    >>> float(jax.grad(imaml)(2.0, 0.0, 0.0))    # (1 + 1)⁻¹ (φ* - 0)
+    0.5
+
   References:
     Finn, Abbeel and Levine, "Model-agnostic meta-learning for fast adaptation of deep
     networks", ICML 2017. Rajeswaran, Finn, Kakade and Levine, "Meta-learning with implicit
