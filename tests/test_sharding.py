@@ -10,6 +10,7 @@ process. The problems are built from fixed seeds by the functions below, shared 
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -228,20 +229,29 @@ NamedSharding = jax.sharding.NamedSharding
 # ------------------------------------------------------------------------------ the tests
 
 
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
-  """Runs :func:`_sharded_main` once in a 4-device subprocess; returns ``(arrays, facts)``."""
-  out_dir = tmp_path_factory.mktemp("sharded")
+def _subprocess_env(num_devices):
+  """This environment plus ``num_devices`` fake CPU devices, x64 and the repository on the path."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = (
-    env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={NUM_DEVICES}"
+    env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_devices}"
   )
   env["JAX_PLATFORMS"] = "cpu"
   env["JAX_ENABLE_X64"] = "1"
   root = pathlib.Path(__file__).resolve().parents[1]
   env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+  return env
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+  """Runs :func:`_sharded_main` once in a 4-device subprocess; returns ``(arrays, facts)``."""
+  out_dir = tmp_path_factory.mktemp("sharded")
   proc = subprocess.run(
-    [sys.executable, __file__, str(out_dir)], env=env, capture_output=True, text=True
+    [sys.executable, __file__, str(out_dir)],
+    env=_subprocess_env(NUM_DEVICES),
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
   arrays = dict(np.load(out_dir / "results.npz"))
@@ -351,5 +361,63 @@ def test_helpers_single_device():
     sharding.shard_batch(jnp.ones(4), mesh, axis_name="model")
 
 
+def _multihost_main(out_dir, process_id, port):
+  """One of two CPU processes (2 devices each) of a ``jax.distributed`` run: a Newton-CG step."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+  assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  mesh = sharding.data_mesh()
+  params, xs, ys = _problem()
+  half = BATCH // 2
+  rows = slice(process_id * half, (process_id + 1) * half)  # This host's slice of the batch.
+  local = (np.asarray(xs[0, rows]), np.asarray(ys[0, rows]))
+  x, y = sharding.shard_batch(local, mesh)
+  assert x.shape == (BATCH, 6) and not x.is_fully_addressable
+  rparams = sharding.replicate(params, mesh)
+  tx, step = _newton_step_fn("ggn", [])
+  state = sharding.place_state(tx.init(rparams), mesh)
+  new_params, state, loss = jax.jit(step)(rparams, state, x, y)
+  gathered = multihost_utils.process_allgather(new_params, tiled=True)
+  out = {k: np.asarray(v) for k, v in gathered.items()}
+  out["loss"] = np.asarray(multihost_utils.process_allgather(loss, tiled=True))
+  np.savez(os.path.join(out_dir, f"multihost_{process_id}.npz"), **out)
+  jax.distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_newton_cg_two_processes_equals_single_device(problem, tmp_path):
+  """``jax.distributed`` with 2 CPU processes x 2 devices, each feeding half of the batch."""
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  env = _subprocess_env(2)
+  procs = [
+    subprocess.Popen(
+      [sys.executable, __file__, "multihost", str(tmp_path), str(i), str(port)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  for proc in procs:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+  params, xs, ys = problem
+  tx, step = _newton_step_fn("ggn", [])
+  expected, _, loss = jax.jit(step)(params, tx.init(params), xs[0], ys[0])
+  for i in range(2):
+    got = dict(np.load(tmp_path / f"multihost_{i}.npz"))
+    for k, v in expected.items():
+      _close(got[k], v, k)
+    _close(got["loss"], loss, "loss")
+
+
 if __name__ == "__main__":
-  _sharded_main(sys.argv[1])
+  if sys.argv[1] == "multihost":
+    _multihost_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+  else:
+    _sharded_main(sys.argv[1])
