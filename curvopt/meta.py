@@ -24,10 +24,12 @@ the meta-gradient. Three ways to differentiate it:
   ``inner_steps``.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from curvopt.products import hvp_fn
@@ -95,38 +97,45 @@ def _negate(tree: Any) -> Any:
   return jax.tree.map(lambda g: g if g.dtype == jax.dtypes.float0 else -g, tree)
 
 
-def _imaml_adapt_fn(
-  loss_fn: TaskLossFn,
-  optimizer: optax.GradientTransformation,
-  inner_steps: int,
-  proximal_lambda: float,
-  cg_steps: int,
-) -> Callable[[Params, Batch], Params]:
-  """Returns ``(params, support) -> φ*`` with the iMAML implicit custom VJP."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _imaml_adapt(
+  loss_fn, solve_fn, proximal_lambda, cg_steps, params, support, loss_consts, solve_consts
+):
+  """φ* of the proximal inner problem, with the iMAML implicit VJP.
 
-  @jax.custom_vjp
-  def adapt(params, support):
-    objective = _proximal_objective(loss_fn, proximal_lambda, params, support)
-    return _inner_loop(objective, params, optimizer, inner_steps, first_order=False)
+  ``loss_fn(p, s, *loss_consts)`` and ``solve_fn(p, s, loss_consts, *solve_consts)`` are
+  closure-converted: every traced value they use arrives as an argument, so values that an
+  outer transformation differentiates are never closed over by the custom rule.
+  """
+  del loss_fn, proximal_lambda, cg_steps
+  return solve_fn(params, support, loss_consts, *solve_consts)
 
-  def adapt_fwd(params, support):
-    phi = adapt(params, support)
-    # Only (φ*, support) are kept: nothing from the inner iterations.
-    return phi, (phi, support)
 
-  def adapt_bwd(res, phi_bar):
-    phi, support = res
-    hessian_vp = hvp_fn(lambda p: loss_fn(p, support), phi)
-    matvec = lambda v: optax.tree.add_scale(v, 1.0 / proximal_lambda, hessian_vp(v))
-    # u = (I + H/λ)⁻¹ φ̄ is the cotangent of θ (∂φ*/∂θ = (I + H/λ)⁻¹, symmetric).
-    u, _ = jax.scipy.sparse.linalg.cg(matvec, phi_bar, tol=1e-10, maxiter=cg_steps)
-    # Support cotangent from the same solve: ∂φ*/∂s = -(H + λI)⁻¹ ∂_s ∇_φ L(φ*, s).
-    _, vjp_support = jax.vjp(lambda s: jax.grad(loss_fn)(phi, s), support)
-    (support_bar,) = vjp_support(optax.tree.scale(1.0 / proximal_lambda, u))
-    return u, _negate(support_bar)
+def _imaml_adapt_fwd(loss_fn, solve_fn, proximal_lambda, cg_steps, *args):
+  phi = _imaml_adapt(loss_fn, solve_fn, proximal_lambda, cg_steps, *args)
+  _, support, loss_consts, solve_consts = args
+  # Only φ* and the data are kept: nothing from the inner iterations.
+  return phi, (phi, support, loss_consts, solve_consts)
 
-  adapt.defvjp(adapt_fwd, adapt_bwd)
-  return adapt
+
+def _imaml_adapt_bwd(loss_fn, solve_fn, proximal_lambda, cg_steps, res, phi_bar):
+  del solve_fn
+  phi, support, loss_consts, solve_consts = res
+  loss = lambda p, s, consts: loss_fn(p, s, *consts)
+  hessian_vp = hvp_fn(lambda p: loss(p, support, loss_consts), phi)
+  matvec = lambda v: optax.tree.add_scale(v, 1.0 / proximal_lambda, hessian_vp(v))
+  # u = (I + H/λ)⁻¹ φ̄ is the cotangent of θ (∂φ*/∂θ = (I + H/λ)⁻¹, symmetric).
+  u, _ = jax.scipy.sparse.linalg.cg(matvec, phi_bar, tol=1e-10, maxiter=cg_steps)
+  # Data cotangents from the same solve: ∂φ*/∂s = -(H + λI)⁻¹ ∂_s ∇_φ L(φ*, s), and the same
+  # for values the loss closes over.
+  _, vjp_data = jax.vjp(lambda s, c: jax.grad(loss)(phi, s, c), support, loss_consts)
+  support_bar, loss_consts_bar = vjp_data(optax.tree.scale(1.0 / proximal_lambda, u))
+  # The minimiser does not depend on the inner optimiser's hyper-parameters.
+  solve_consts_bar = tuple(jax.tree.map(jnp.zeros_like, solve_consts))
+  return u, _negate(support_bar), _negate(loss_consts_bar), solve_consts_bar
+
+
+_imaml_adapt.defvjp(_imaml_adapt_fwd, _imaml_adapt_bwd)
 
 
 def maml_loss(
@@ -161,9 +170,11 @@ def maml_loss(
     iterations on Hessian-vector products (:func:`jax.custom_vjp`: only :math:`\phi^\star`
     is stored, so memory is flat in ``inner_steps``). The formula is exact at the minimiser:
     use enough inner steps to reach it; CG assumes :math:`I + H/\lambda` positive definite
-    (:math:`H \succ -\lambda I`). The support data also receive their implicit cotangent.
-    Hyper-parameters (``inner_lr``, ``proximal_lambda``) are constants here, not
-    differentiated.
+    (:math:`H \succ -\lambda I`). The support data, and traced values that ``loss_fn``
+    closes over (found with :func:`jax.closure_convert`), receive their implicit cotangents
+    too; the inner optimiser's hyper-parameters get zero (the minimiser does not depend on
+    them) and ``proximal_lambda`` is a constant. With the default and first-order modes,
+    everything, ``inner_lr`` included, is differentiated by ordinary autodiff (Meta-SGD).
 
   Args:
     loss_fn: ``(params, batch) -> scalar`` task loss.
@@ -244,10 +255,20 @@ def maml_loss(
     )
   if not (isinstance(cg_steps, int) and cg_steps >= 1):
     raise ValueError(f"cg_steps must be an int >= 1; got {cg_steps!r}.")
-  adapt = _imaml_adapt_fn(loss_fn, optimizer, inner_steps, float(proximal_lambda), cg_steps)
+  proximal_lambda = float(proximal_lambda)
 
   def imaml_loss(params: Params, support: Batch, query: Batch) -> Any:
-    phi = adapt(params, support)
+    loss_c, loss_consts = jax.closure_convert(loss_fn, params, support)
+    loss_consts = tuple(loss_consts)
+
+    def solve(p, s, lc):
+      objective = _proximal_objective(lambda q, t: loss_c(q, t, *lc), proximal_lambda, p, s)
+      return _inner_loop(objective, p, optimizer, inner_steps, first_order=False)
+
+    solve_c, solve_consts = jax.closure_convert(solve, params, support, loss_consts)
+    phi = _imaml_adapt(
+      loss_c, solve_c, proximal_lambda, cg_steps, params, support, loss_consts, tuple(solve_consts)
+    )
     if has_aux:
       objective = _proximal_objective(loss_fn, proximal_lambda, params, support)
       return loss_fn(phi, query), _aux(objective, phi)

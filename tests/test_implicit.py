@@ -112,6 +112,14 @@ def test_closed_over_tracers_are_differentiated():
   np.testing.assert_allclose(jax.jit(jax.grad(closed))(params["W"]), want, rtol=1e-10)
   batched = jax.vmap(jax.grad(closed))(jnp.stack([params["W"], 0.5 * params["W"]]))
   np.testing.assert_allclose(batched[0], want, rtol=1e-10)
+  # grad outside vmap: the closed-over W is an AD tracer seen through a batching trace.
+  scales = jnp.array([1.0, 0.5])
+  over_batch = lambda W, fn: jax.vmap(lambda s: fn(s * W))(scales).sum()
+  np.testing.assert_allclose(
+    jax.grad(over_batch)(params["W"], closed),
+    jax.grad(over_batch)(params["W"], explicit),
+    rtol=1e-10,
+  )
 
 
 def test_non_convergence_is_reported():
@@ -140,6 +148,20 @@ def test_no_recompilation_across_parameter_values():
   for a in (2.0, 3.0, 5.0):
     solve_grad(jnp.float32(a))
   assert len(traces) == 1
+
+
+def test_backward_memory_does_not_grow_with_iterations():
+  # The implicit backward keeps (a, x*) only; unrolled backprop keeps every iterate.
+  params, x0 = _tanh_problem()
+
+  def temp_bytes(loss):
+    compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  implicit = lambda n: lambda p: _readout(fixed_point(_tanh_map, p, x0, max_iter=n).value)
+  unrolled = lambda n: lambda p: _readout(_unrolled(p, x0, n))
+  assert temp_bytes(implicit(10)) == temp_bytes(implicit(1000))
+  assert temp_bytes(unrolled(1000)) - temp_bytes(unrolled(10)) >= 990 * 6 * 8
 
 
 def test_misuse_errors():

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from curvopt.meta import maml_loss
+from curvopt.meta import MamlAux, maml_loss
 
 
 def _regression_task(rng, n=8, d=4, dtype=jnp.float64):
@@ -273,3 +273,53 @@ def test_misuse_errors():
     maml_loss(_mlp_loss, inner_lr=0.1, implicit=True, first_order=True, proximal_lambda=1.0)
   with pytest.raises(ValueError, match="cg_steps"):
     maml_loss(_mlp_loss, inner_lr=0.1, implicit=True, proximal_lambda=1.0, cg_steps=0)
+
+
+def test_gradients_with_respect_to_hyper_parameters():
+  rng = np.random.default_rng(9)
+  loss_fn, theta, support, query = _imaml_setup(rng)
+
+  def fd(fn, x, eps=1e-6):
+    return (fn(x + eps) - fn(x - eps)) / (2 * eps)
+
+  # Explicit MAML differentiates the inner learning rate (Meta-SGD).
+  maml_of_lr = jax.jit(
+    lambda lr: maml_loss(loss_fn, inner_lr=lr, inner_steps=3)(theta, support, query)
+  )
+  np.testing.assert_allclose(jax.grad(maml_of_lr)(0.3), fd(maml_of_lr, 0.3), rtol=1e-6)
+
+  # iMAML: a traced value closed over by loss_fn gets its implicit gradient ...
+  def imaml_of_scale(scale, lr=0.3):
+    scaled = lambda w, batch: scale * loss_fn(w, batch)
+    imaml = maml_loss(scaled, inner_lr=lr, inner_steps=300, implicit=True, proximal_lambda=1.5)
+    return imaml(theta, support, query) / scale
+
+  imaml_of_scale_jit = jax.jit(imaml_of_scale)
+  got = jax.jit(jax.grad(imaml_of_scale))(1.2)
+  np.testing.assert_allclose(got, fd(imaml_of_scale_jit, 1.2), rtol=1e-6)
+  assert abs(float(got)) > 1e-3
+  # ... and the inner optimiser's step size, which does not move the minimiser, gets zero.
+  assert float(jax.jit(jax.grad(imaml_of_scale, argnums=1))(1.2, 0.3)) == 0.0
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_has_aux_reports_inner_residual(implicit):
+  rng = np.random.default_rng(8)
+  loss_fn, theta, support, query = _imaml_setup(rng)
+  kwargs = {"implicit": True, "proximal_lambda": 1.5} if implicit else {}
+  lam = kwargs.get("proximal_lambda", 0.0)
+  residuals = []
+  for steps in (2, 200):
+    meta_loss = maml_loss(loss_fn, inner_lr=0.3, inner_steps=steps, has_aux=True, **kwargs)
+    plain = jax.jit(maml_loss(loss_fn, inner_lr=0.3, inner_steps=steps, **kwargs))
+    (loss, aux), grad = jax.jit(jax.value_and_grad(meta_loss, has_aux=True))(theta, support, query)
+    assert isinstance(aux, MamlAux)
+    np.testing.assert_allclose(loss, plain(theta, support, query), rtol=1e-12)
+    np.testing.assert_allclose(grad, jax.jit(jax.grad(plain))(theta, support, query), rtol=1e-12)
+    np.testing.assert_allclose(loss, loss_fn(aux.adapted_params, query), rtol=1e-12)
+    # Independent residual: the inner objective's gradient norm, written out.
+    inner = lambda phi: loss_fn(phi, support) + 0.5 * lam * jnp.sum((phi - theta) ** 2)
+    want = np.linalg.norm(jax.grad(inner)(aux.adapted_params))
+    np.testing.assert_allclose(aux.inner_grad_norm, want, rtol=1e-10)
+    residuals.append(float(aux.inner_grad_norm))
+  assert residuals[1] < 1e-3 * residuals[0]
