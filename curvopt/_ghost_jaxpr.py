@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 # Calls whose body is evaluated inline when a parameter flows into them. Inlining keeps values
@@ -24,9 +25,19 @@ from jax.extend import core as jex_core
 _INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
 _INLINE_REMAT = ("checkpoint", "remat", "remat2")
 # Shape-only linear maps; all but broadcast_in_dim keep the Frobenius norm.
-_STRUCTURAL = ("reshape", "transpose", "convert_element_type", "squeeze", "copy", "copy_p", "neg")
+_STRUCTURAL = (
+  "reshape",
+  "transpose",
+  "convert_element_type",
+  "squeeze",
+  "copy",
+  "copy_p",
+  "neg",
+  "rev",
+)
 _BROADCAST = ("broadcast_in_dim",)
-_ELEMENTWISE = ("add", "sub", "mul", "div", "add_any")
+_ADDITIVE = ("add", "sub", "add_any")
+_ELEMENTWISE = (*_ADDITIVE, "mul", "div")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +72,20 @@ class Site:
   @property
   def out_aval(self):
     return self.eqn.outvars[0].aval
+
+  @property
+  def needs_data(self) -> bool:
+    """Whether the parameter's gradient depends on the other operands (not for a bias)."""
+    return self.eqn.primitive.name not in _ADDITIVE
+
+  def full_data(self, data, batch_size: int):
+    """``data`` with operands a bias gradient ignores rebuilt as (free) zeros."""
+    if self.needs_data:
+      return data
+    return [
+      None if j == self.param_pos else jnp.zeros((batch_size, *v.aval.shape), v.aval.dtype)
+      for j, v in enumerate(self.eqn.invars)
+    ]
 
   def chain_fn(self, leaf_value):
     """Applies the shape-only chain to a value of the leaf."""
@@ -242,7 +267,9 @@ def _run(jaxpr, consts, args, prefix, sites, probes, data):
     if key in sites:
       site = sites[key]
       out = _bind(eqn, invals) + probes[key]
-      data[key] = [None if j == site.param_pos else x for j, x in enumerate(invals)]
+      data[key] = [
+        None if j == site.param_pos or not site.needs_data else x for j, x in enumerate(invals)
+      ]
       outs = [out]
     elif inner is not None and _contains_site(key, sites):
       n_extra = len(eqn.invars) - len(inner[0].invars)

@@ -25,6 +25,7 @@ through a nonlinearity) get exact per-example gradients for those leaves only, w
 that names them.
 """
 
+import itertools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -138,6 +139,7 @@ def ghost_clipped_sum(
   fb_grads, deltas = vjp_fn(jnp.ones_like(losses))
 
   sq = [jnp.zeros((num_examples,), _norm_dtype(leaf)) for leaf in leaves]
+  data = {key: site.full_data(data[key], num_examples) for key, site in sites.items()}
   for leaf, site in plan.sites.items():
     sq[leaf] = _site_sq_norm(site, data[site.key], deltas[site.key], leaves[leaf])
   for i, g in zip(fallback, fb_grads, strict=True):
@@ -203,11 +205,11 @@ def _site_sq_norm(site, data, delta, leaf):
   if site.kind == "dot":
     a, d = _dot_factors(site, data, delta)
   elif site.kind == "conv":
-    a, d = _conv_factors(site, data, delta)
+    return _conv_sq_norm(site, data, delta, leaf)
   elif site.kind == "gather":
     return _gather_sq_norm(site, data, delta, leaf)
-  else:
-    return _elementwise_sq_norm(site, data, delta, leaf)
+  else:  # biases and scales: the per-example gradient is the size of the parameter
+    return _per_example_sq_norm(site, data, delta, leaf)
   return _product_sq_norm(a, d)
 
 
@@ -259,31 +261,55 @@ def _size(shape):
   return out
 
 
-def _conv_factors(site, data, delta):
-  """Unfolded input patches ``(B, 1, N, K)`` and output cotangent ``(B, 1, N, C_out)``."""
+def _conv_sq_norm(site, data, delta, kernel):
+  r"""Kernel of a convolution: the dense identity on unfolded input patches.
+
+  With :math:`N` output positions, :math:`K` = kernel size x input channels and :math:`P`
+  output channels: when :math:`N(K + P) \ge KP` each example's kernel gradient is formed (one
+  grouped convolution; measured cheaper in time and memory than unfolding patches). Otherwise
+  the Gram form :math:`\langle \sum_o X_o X_o^\top, \Delta \Delta^\top \rangle` is used,
+  where :math:`X_o` (one strided slice of the padded, dilated input) holds the patches' entries
+  at kernel offset :math:`o`, so all patches are never formed at once.
+  """
   params = site.eqn.params
   dn = params["dimension_numbers"]
-  kernel_aval = site.eqn.invars[1].aval
-  filter_shape = [kernel_aval.shape[i] for i in dn.rhs_spec[2:]]
-
-  def patches(lhs):
-    return lax.conv_general_dilated_patches(
-      lhs,
-      filter_shape=filter_shape,
-      window_strides=params["window_strides"],
-      padding=params["padding"],
-      lhs_dilation=params["lhs_dilation"],
-      rhs_dilation=params["rhs_dilation"],
-      dimension_numbers=dn,
-      precision=params["precision"],
-    )
-
-  a = jax.vmap(patches)(data[0])
-  b = a.shape[0]
-  feature = 1 + dn.out_spec[1]
-  a = jnp.moveaxis(a, feature, -1).reshape(b, 1, -1, a.shape[feature])
-  d = jnp.moveaxis(delta, feature, -1).reshape(b, 1, -1, delta.shape[feature])
-  return a, d
+  kernel_shape = site.eqn.invars[1].aval.shape
+  filter_shape = [kernel_shape[i] for i in dn.rhs_spec[2:]]
+  out_shape = site.eqn.outvars[0].aval.shape
+  out_spatial = [out_shape[i] for i in dn.out_spec[2:]]
+  n = out_shape[dn.out_spec[0]] * _size(out_spatial)
+  k, p = _size(kernel_shape) // out_shape[dn.out_spec[1]], out_shape[dn.out_spec[1]]
+  if n * (k + p) >= k * p:
+    return _per_example_sq_norm(site, data, delta, kernel)
+  lhs = data[0]
+  b = lhs.shape[0]
+  # (B, n, *spatial, C_in) and (B, n * prod(out_spatial), C_out).
+  x = jnp.transpose(lhs, [0, *(1 + i for i in (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))])
+  d = jnp.transpose(
+    delta, [0, *(1 + i for i in (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))]
+  )
+  d = d.reshape(b, n, p)
+  pads = [
+    (lo, hi, dil - 1)
+    for (lo, hi), dil in zip(params["padding"], params["lhs_dilation"], strict=True)
+  ]
+  x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (0, 0, 0), *pads, (0, 0, 0)])
+  acc = None
+  for offset in itertools.product(*(range(s) for s in filter_shape)):
+    starts = [o * r for o, r in zip(offset, params["rhs_dilation"], strict=True)]
+    limits = [
+      st + (m - 1) * s + 1
+      for st, m, s in zip(starts, out_spatial, params["window_strides"], strict=True)
+    ]
+    x_o = lax.slice(
+      x,
+      [0, 0, *starts, 0],
+      [b, x.shape[1], *limits, x.shape[-1]],
+      [1, 1, *params["window_strides"], 1],
+    ).reshape(b, n, x.shape[-1])
+    term = jnp.einsum("bnc,bmc->bnm", x_o, x_o)
+    acc = term if acc is None else acc + term
+  return jnp.sum(acc * jnp.einsum("bnp,bmp->bnm", d, d), axis=(1, 2))
 
 
 def _gather_sq_norm(site, data, delta, leaf):
@@ -305,8 +331,8 @@ def _gather_sq_norm(site, data, delta, leaf):
   return jnp.sum(jnp.where(same, gram_d, 0), axis=(1, 2)).astype(_norm_dtype(leaf))
 
 
-def _elementwise_sq_norm(site, data, delta, leaf):
-  """Biases and scales: the per-example gradient is the size of the parameter; form it."""
+def _per_example_sq_norm(site, data, delta, leaf):
+  """Forms each example's gradient of ``leaf`` (used where that is as cheap as any identity)."""
 
   def grad_i(data_i, delta_i):
     _, vjp_fn = jax.vjp(lambda p: site.op_fn(data_i, site.chain_fn(p)), leaf)

@@ -240,6 +240,34 @@ def test_plain_jnp_parameters_on_either_side_and_batched_heads():
   _check(loss_fn, params, x, rtol=1e-9)
 
 
+@pytest.mark.parametrize("channels", [1, 8])
+def test_plain_lax_convolutions_strided_dilated_nchw(channels):
+  """Padding, strides, input and kernel dilation, NCHW layout; 8 channels take the Gram rule."""
+  k = jax.random.split(jax.random.key(12), 3)
+  params = {
+    "k1": jax.random.normal(k[0], (channels, 2, 3, 3), jnp.float64),  # OIHW
+    "k2": jax.random.normal(k[1], (channels, channels, 3, 3), jnp.float64),
+  }
+
+  def loss_fn(p, img):  # img: (2, 5, 5) CHW
+    h = jax.lax.conv_general_dilated(
+      img[None],
+      p["k1"],
+      (2, 1),
+      ((2, 2), (0, 1)),
+      lhs_dilation=(1, 2),
+      rhs_dilation=(2, 1),
+      dimension_numbers=("NCHW", "OIHW", "NCHW"),
+    )
+    h = jax.lax.conv_general_dilated(
+      jnp.tanh(h), p["k2"], (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW")
+    )
+    return jnp.sum(jnp.sin(h))
+
+  x = jax.random.normal(k[2], (3, 2, 5, 5), jnp.float64)
+  _check(loss_fn, params, x, rtol=1e-9)
+
+
 def test_unsupported_parameters_fall_back_exactly_and_say_so_once():
   """Tied weights, a parameter through a nonlinearity and a grouped conv use the fallback."""
   k = jax.random.split(jax.random.key(8), 5)
