@@ -287,7 +287,8 @@ def hutchpp_trace(
       jax.random.split(k, count)
     )
 
-  apply_rows = lambda rows: jax.lax.map(op.matvec, rows)
+  # The blocks are stored anyway (Q is n x s), so batching the matvecs costs no extra memory.
+  apply_rows = jax.vmap(op.matvec)
   sketch = apply_rows(probes(sketch_key, sketch_size))  # rows are A s_i
   q, _ = jnp.linalg.qr(sketch.T)  # (n, s), orthonormal columns
   top_part = jnp.sum(q * apply_rows(q.T).T)  # tr(Qᵀ A Q)
@@ -395,14 +396,16 @@ def _lanczos_flat(
       w = _orthogonalize(w, basis)
     beta = jnp.linalg.norm(w)
     broke = beta <= breakdown_tol * anorm
-    if reorthogonalize:
+
+    def restart(_):
+      if not reorthogonalize:
+        return jnp.zeros_like(w)
       r = jax.random.normal(jax.random.fold_in(restart_key, j), (n,), dtype)
       r = _orthogonalize(r, basis)
-      r_norm = jnp.linalg.norm(r)
-      restart = jnp.where(r_norm > 0, r / jnp.where(r_norm > 0, r_norm, 1), 0)
-    else:
-      restart = jnp.zeros_like(w)
-    v_next = jnp.where(broke, restart, w / jnp.where(broke, 1, beta))
+      r_norm = jnp.linalg.norm(r)  # 0 only once the basis spans the space (last step)
+      return jnp.where(r_norm > 0, r / jnp.where(r_norm > 0, r_norm, 1), 0)
+
+    v_next = jax.lax.cond(broke, restart, lambda _: w / beta, None)
     beta = jnp.where(broke, 0, beta)
     return (v_next, v, beta, basis, anorm), (alpha, beta)
 
@@ -621,7 +624,7 @@ def spectral_density(
       raise ValueError(
         f"grid must be a 1-D array of points or a number of points; got shape {grid_points.shape}."
       )
-  if sigma is not None and not isinstance(sigma, jax.core.Tracer) and not sigma > 0:
+  if isinstance(sigma, (int, float, np.number)) and not sigma > 0:
     raise ValueError(f"sigma must be positive (the width of the broadening); got {sigma!r}.")
   op = _flatten_operator(matvec, like)
   num_iters = _clamp_iters("num_iters", num_iters, op.dim)
