@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from curvopt.products import hvp_fn
@@ -93,6 +94,12 @@ def _proximal_objective(loss_fn, proximal_lambda, params, support):
   )
 
 
+def _zero_cotangent(x: jax.Array) -> jax.Array:
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros_like(x)
+  return np.zeros(x.shape, jax.dtypes.float0)
+
+
 def _negate(tree: Any) -> Any:
   return jax.tree.map(lambda g: g if g.dtype == jax.dtypes.float0 else -g, tree)
 
@@ -131,7 +138,7 @@ def _imaml_adapt_bwd(loss_fn, solve_fn, proximal_lambda, cg_steps, res, phi_bar)
   _, vjp_data = jax.vjp(lambda s, c: jax.grad(loss)(phi, s, c), support, loss_consts)
   support_bar, loss_consts_bar = vjp_data(optax.tree.scale(1.0 / proximal_lambda, u))
   # The minimiser does not depend on the inner optimiser's hyper-parameters.
-  solve_consts_bar = tuple(jax.tree.map(jnp.zeros_like, solve_consts))
+  solve_consts_bar = tuple(jax.tree.map(_zero_cotangent, solve_consts))
   return u, _negate(support_bar), _negate(loss_consts_bar), solve_consts_bar
 
 
