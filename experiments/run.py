@@ -17,6 +17,10 @@ TASK_MODULES = {
   "logreg": "logreg",
   "autoencoder": "autoencoder",
   "classification": "classification",
+  "spectrum": "spectrum",
+  "td": "td",
+  "maml": "maml",
+  "hyperopt": "hyperopt",
 }
 
 

@@ -132,7 +132,7 @@ class Method(NamedTuple):
   """How the runner trains with one optimiser entry.
 
   Attributes:
-    init: ``params -> state``.
+    init: ``(params, key) -> state`` (``key``: a PRNG key derived from the seed, e.g. for noise).
     step: ``(params, state, data_key, step) -> (params, state, diagnostics)``, pure and
       traceable (the runner compiles it once, inside a loop over steps).
     host_metrics: ``step -> dict`` of host-side metrics logged at each evaluation.
@@ -140,7 +140,7 @@ class Method(NamedTuple):
       ``callback(params, step) -> bool`` logs an evaluation and returns ``True`` to stop.
   """
 
-  init: Callable[[Params], Any]
+  init: Callable[[Params, jax.Array], Any]
   step: Callable[..., tuple[Params, Any, dict]] | None
   host_metrics: Callable[[int], dict] = lambda step: {}
   external: Callable[..., None] | None = None
@@ -200,7 +200,7 @@ def optax_method(task: Any, tx: optax.GradientTransformation, objective: Callabl
     diagnostics = {"loss": value, "grad_norm": optax.tree.norm(grad)}
     return params, state, diagnostics | state_diagnostics(state)
 
-  return Method(init=tx.init, step=step)
+  return Method(init=lambda params, key: tx.init(params), step=step)
 
 
 def build_method(cfg: Any, task: Any, path: str) -> Method:
@@ -262,26 +262,18 @@ def _dp_sgd_method(cfg: DPSGDConfig, task: Any, objective: Callable, path: str) 
   rate = cfg.expected_batch_size / n
   padded = privacy.padded_batch_size(n, rate)
 
-  def init(params):
-    tx = dp_sgd(
+  def make(key):  # the noise key lives in the state; ``key`` only seeds it at init
+    return dp_sgd(
       cfg.learning_rate,
       l2_norm_clip=cfg.l2_norm_clip,
       noise_multiplier=cfg.noise_multiplier,
-      key=0,
+      key=key,
       expected_batch_size=cfg.expected_batch_size,
       momentum=cfg.momentum,
     )
-    return tx.init(params)
 
   def step(params, state, data_key, t):
-    tx = dp_sgd(
-      cfg.learning_rate,
-      l2_norm_clip=cfg.l2_norm_clip,
-      noise_multiplier=cfg.noise_multiplier,
-      key=jax.random.fold_in(data_key, -1),
-      expected_batch_size=cfg.expected_batch_size,
-      momentum=cfg.momentum,
-    )
+    tx = make(jax.random.key(0))
     sample = privacy.poisson_sample(jax.random.fold_in(data_key, t), n, rate, padded)
     batch = jax.tree.map(lambda a: a[sample.indices], task.train_data)
     grads = per_example_grads(task.per_example_loss, params, batch)
@@ -294,7 +286,9 @@ def _dp_sgd_method(cfg: DPSGDConfig, task: Any, objective: Callable, path: str) 
     eps = privacy.epsilon(cfg.noise_multiplier, rate, int(step), cfg.delta)
     return {"epsilon": float(eps), "delta": cfg.delta}
 
-  return Method(init=init, step=step, host_metrics=host_metrics)
+  return Method(
+    init=lambda params, key: make(key).init(params), step=step, host_metrics=host_metrics
+  )
 
 
 def _scipy_method(cfg: ScipyConfig, task: Any, objective: Callable) -> Method:
@@ -342,4 +336,4 @@ def _scipy_method(cfg: ScipyConfig, task: Any, objective: Callable) -> Method:
       **kwargs,
     )
 
-  return Method(init=lambda params: (), step=None, external=external)
+  return Method(init=lambda params, key: (), step=None, external=external)

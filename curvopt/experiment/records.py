@@ -85,7 +85,7 @@ def _fmt(values: Sequence[float | None], digits: int = 4) -> str:
     return "—"
   if len(vals) < len(values):
     return f"{np.mean(vals):.{digits}g} ({len(values) - len(vals)} nan)"
-  if len(vals) == 1:
+  if len(vals) == 1 or np.std(vals) == 0:
     return f"{vals[0]:.{digits}g}"
   return f"{np.mean(vals):.{digits}g} ± {np.std(vals):.2g}"
 

@@ -73,6 +73,21 @@ def _set_precision(precision: config_lib.Precision) -> Any:
   return jnp.float32
 
 
+def _is_key(leaf: Any) -> bool:
+  return jnp.issubdtype(getattr(leaf, "dtype", None) or np.float32, jax.dtypes.prng_key)
+
+
+def _key_data(leaf: Any) -> Any:
+  """Typed PRNG keys are saved as their raw ``uint32`` data."""
+  return jax.random.key_data(leaf) if _is_key(leaf) else leaf
+
+
+def _unkey(data: Any, like: Any) -> Any:
+  if _is_key(like):
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(like))
+  return data
+
+
 class _Checkpoints:
   """Orbax checkpoints of one (optimiser, seed) run: flat leaves + step + training time."""
 
@@ -89,7 +104,7 @@ class _Checkpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, tree: Any, wall: float, finished: bool) -> None:
-    leaves = jax.tree.leaves(tree)
+    leaves = [_key_data(leaf) for leaf in jax.tree.leaves(tree)]
     item = {
       "leaves": {str(i): leaf for i, leaf in enumerate(leaves)},
       "step": np.asarray(step, np.int64),
@@ -102,7 +117,7 @@ class _Checkpoints:
   def restore(self, like: Any) -> tuple[Any, int, float, bool]:
     leaves, treedef = jax.tree.flatten(like)
     target = {
-      "leaves": {str(i): leaf for i, leaf in enumerate(leaves)},
+      "leaves": {str(i): _key_data(leaf) for i, leaf in enumerate(leaves)},
       "step": np.asarray(0, np.int64),
       "wall": np.asarray(0.0, np.float64),
       "finished": np.asarray(0, np.int64),
@@ -110,7 +125,8 @@ class _Checkpoints:
     out = self.manager.restore(
       self.manager.latest_step(), args=self._ocp.args.StandardRestore(target)
     )
-    tree = jax.tree.unflatten(treedef, [out["leaves"][str(i)] for i in range(len(leaves))])
+    restored = [_unkey(out["leaves"][str(i)], leaf) for i, leaf in enumerate(leaves)]
+    tree = jax.tree.unflatten(treedef, restored)
     return tree, int(out["step"]), float(out["wall"]), bool(int(out["finished"]))
 
   def close(self) -> None:
@@ -144,7 +160,9 @@ def run_experiment(
     opt_lib.build_method(opt, task, f"optimizers[{i}]") for i, opt in enumerate(cfg.optimizers)
   ]
   params_like = jax.eval_shape(task.init_params, jax.random.key(0))
-  eval_keys = sorted(jax.eval_shape(task.evaluate, params_like))
+  eval_keys = sorted(
+    k for k, v in jax.eval_shape(task.evaluate, params_like).items() if not v.shape
+  )
   metric = exp.metric or task.metric
   if metric not in eval_keys:
     raise ConfigError(
@@ -180,8 +198,9 @@ def run_experiment(
     )
 
   evaluate = jax.jit(task.evaluate)
+  compiled: dict[str, Any] = {}  # label -> compiled training loop, shared by the seeds
   kill_after = int(os.environ.get(_KILL_ENV, "0") or 0)
-  progress = _progress(exp.progress, sum(_budget(exp, o)[0] for o, _, _ in runs))
+  progress = _progress(exp.progress, sum(_Budget(exp, o).steps for o, _, _ in runs))
   num_evals = 0
   try:
     for opt, method, seed in runs:
@@ -193,7 +212,12 @@ def run_experiment(
         values = jax.device_get(evaluate(params))
         rec = {"optimizer": label_of(opt), "seed": seed, "step": int(step), "wall_time": wall}
         rec.update(extra)
-        rec.update({k: records.to_python(v) for k, v in values.items()})
+        rec.update({k: records.to_python(v) for k, v in values.items() if np.ndim(v) == 0})
+        arrays = {k: np.asarray(v) for k, v in values.items() if np.ndim(v) > 0}
+        if arrays:  # non-scalar evaluations (e.g. a spectral density) go to arrays/*.npz
+          os.makedirs(os.path.join(run_dir, "arrays"), exist_ok=True)
+          name = f"{_slug(label_of(opt))}-seed{seed}-step{int(step):07d}.npz"
+          np.savez(os.path.join(run_dir, "arrays", name), **arrays)
         rec.update({k: records.to_python(v) for k, v in jax.device_get(diagnostics).items()})
         rec.update(method.host_metrics(step))
         log.append(rec)
@@ -203,9 +227,8 @@ def run_experiment(
         if _INTERRUPT_AFTER_EVALS and num_evals >= _INTERRUPT_AFTER_EVALS:
           raise KeyboardInterrupt
 
-      steps, every = _budget(exp, opt)
       run = _run_external if method.external is not None else _run_compiled
-      run(task, method, seed, steps, every, exp.budget.seconds, exp, ck, log_eval, progress, label)
+      run(task, method, seed, _Budget(exp, opt), compiled, ck, log_eval, progress, label)
   finally:
     if progress is not None:
       progress.close()
@@ -214,7 +237,7 @@ def run_experiment(
 
   recs = log.read()
   extra = [m for m in task.summary_metrics if m != metric]
-  extra += ["compile_time"] if any("compile_time" in r for r in recs) else []
+  extra += [m for m in ("epsilon", "compile_time") if any(m in r for r in recs)]
   rows = records.summarize(
     recs, metric, higher_is_better=task.higher_is_better, target=exp.target, extra_metrics=extra
   )
@@ -228,7 +251,8 @@ def run_experiment(
     + (f" / {exp.budget.seconds:g} s" if exp.budget.seconds else "")
     + f" · device: {jax.devices()[0].device_kind}\n\n"
   )
-  footer = f"\nbest final {metric}: **{best}**\n" if best else ""
+  which = "highest" if task.higher_is_better else "lowest"
+  footer = f"\n{which} final {metric}: **{best}**\n" if best else ""
   report = task.report(run_dir, recs)
   summary = header + table + footer + (("\n" + report) if report else "")
   with open(os.path.join(run_dir, "summary.md"), "w") as f:
@@ -252,22 +276,30 @@ def _progress(enabled: bool, total: int):
   return tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
-def _budget(exp, opt) -> tuple[int, int]:
-  """(steps, eval_every) of one optimiser entry: its own overrides, else the experiment's."""
-  return opt.steps or exp.budget.steps, opt.eval_every or exp.eval_every
+class _Budget:
+  """Steps, evaluation cadence, seconds and checkpoint interval of one optimiser entry."""
+
+  def __init__(self, exp, opt):
+    self.steps = opt.steps or exp.budget.steps
+    self.every = opt.eval_every or exp.eval_every
+    self.seconds = exp.budget.seconds
+    self.checkpoint_interval_s = exp.checkpoint_interval_s
+
+  def done(self, step: int, wall: float) -> bool:
+    return step >= self.steps or (self.seconds is not None and wall >= self.seconds)
 
 
-def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
-  init_key, data_key = jax.random.split(jax.random.key(seed))
-  return init_key, data_key
+def _keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Keys of the initial parameters, the data order and the optimiser (e.g. DP noise)."""
+  init_key, data_key, opt_key = jax.random.split(jax.random.key(seed), 3)
+  return init_key, data_key, opt_key
 
 
-def _run_compiled(
-  task, method, seed, steps, every, seconds, exp, ck, log_eval, progress, label
-) -> None:
-  init_key, data_key = _keys(seed)
+def _run_compiled(task, method, seed, budget, cache, ck, log_eval, progress, label) -> None:
+  steps, every = budget.steps, budget.every
+  init_key, data_key, opt_key = _keys(seed)
   params = task.init_params(init_key)
-  state = method.init(params)
+  state = method.init(params, opt_key)
   diag_like = jax.eval_shape(method.step, params, state, data_key, jnp.int32(0))[2]
   diagnostics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), diag_like)
   step, wall = 0, 0.0
@@ -291,11 +323,13 @@ def _run_compiled(
     return jax.lax.fori_loop(0, num_steps, body, carry)
 
   carry = (params, state, diagnostics)
-  tic = time.perf_counter()
-  compiled = jax.jit(train).lower(carry, data_key, jnp.int32(0), jnp.int32(1)).compile()
-  compile_time = time.perf_counter() - tic
+  if label not in cache:  # compiled once per optimiser: seeds differ only in the arguments
+    tic = time.perf_counter()
+    lowered = jax.jit(train).lower(carry, data_key, jnp.int32(0), jnp.int32(1))
+    cache[label] = (lowered.compile(), time.perf_counter() - tic)
+  compiled, compile_time = cache[label]
   last_save = time.perf_counter()
-  while step < steps and (seconds is None or wall < seconds):
+  while not budget.done(step, wall):
     n = min(every, steps - step)
     tic = time.perf_counter()
     carry = jax.block_until_ready(compiled(carry, data_key, jnp.int32(step), jnp.int32(n)))
@@ -305,19 +339,18 @@ def _run_compiled(
       progress.set_description(label)
       progress.update(n)
     log_eval(carry[0], step, wall, carry[2], compile_time=compile_time)
-    finished = step >= steps or (seconds is not None and wall >= seconds)
-    if finished or time.perf_counter() - last_save >= exp.checkpoint_interval_s:
+    finished = budget.done(step, wall)
+    if finished or time.perf_counter() - last_save >= budget.checkpoint_interval_s:
       ck.save(step, carry, wall, finished)
       last_save = time.perf_counter()
   if progress is not None and step < steps:
     progress.update(steps - step)
 
 
-def _run_external(
-  task, method, seed, steps, every, seconds, exp, ck, log_eval, progress, label
-) -> None:
+def _run_external(task, method, seed, budget, cache, ck, log_eval, progress, label) -> None:
   """Host-side baselines (scipy): rerun from the start unless a finished checkpoint exists."""
-  init_key, _ = _keys(seed)
+  steps, every = budget.steps, budget.every
+  init_key, _, _ = _keys(seed)
   params = task.init_params(init_key)
   if ck.latest_step() is not None:
     _, _, _, finished = ck.restore(params)
@@ -339,7 +372,7 @@ def _run_external(
       log_eval(p, it, wall, {})
       clock["eval"] += time.perf_counter() - tic
       clock["logged"] = it
-    return seconds is not None and wall >= seconds
+    return budget.seconds is not None and wall >= budget.seconds
 
   method.external(params, steps, callback)
   wall = time.perf_counter() - clock["start"] - clock["eval"]
