@@ -628,6 +628,8 @@ def spectral_density(
     raise ValueError(f"sigma must be positive (the width of the broadening); got {sigma!r}.")
   op = _flatten_operator(matvec, like)
   num_iters = _clamp_iters("num_iters", num_iters, op.dim)
+  if grid_points is not None:
+    grid_points = grid_points.astype(op.dtype)
 
   def nodes_and_weights(run_key):
     alphas, betas, _ = _lanczos_flat(op, run_key, num_iters, reorthogonalize, False)

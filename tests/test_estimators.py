@@ -325,15 +325,17 @@ def test_spectral_density_cluster_masses():
   # Per run the mass at 1 is Beta(3, 7)-distributed (sd 0.138).
   a = sym_matrix([1.0] * 6 + [10.0] * 14, seed=4)
   num_runs = 50
-  grid, density = spectral_density(
-    dense_matvec(a, jnp.float64),
-    jnp.zeros(20),
-    jax.random.key(0),
-    num_iters=20,
-    num_runs=num_runs,
-    grid=jnp.linspace(-5.0, 20.0, 5001),
-    sigma=0.2,
-  )
+  grid, density = jax.jit(
+    lambda key: spectral_density(
+      dense_matvec(a, jnp.float64),
+      jnp.zeros(20),
+      key,
+      num_iters=20,
+      num_runs=num_runs,
+      grid=jnp.linspace(-5.0, 20.0, 5001),
+      sigma=0.2,
+    )
+  )(jax.random.key(0))
   dt = float(grid[1] - grid[0])
   low = float(density[grid < 5.5].sum()) * dt
   high = float(density[grid >= 5.5].sum()) * dt
@@ -388,7 +390,12 @@ def test_estimators_on_pytree_hessian(mlp_hessian):
   matvec = hvp_fn(mlp_loss, params)
   key = jax.random.key(0)
 
-  res = jax.jit(lambda k: top_eigenvalues(matvec, params, k, k=3, num_iters=n))(key)
+  # The realistic use: params are arguments of the jitted function, the matvec built inside.
+  @jax.jit
+  def top_at(p, k):
+    return top_eigenvalues(hvp_fn(mlp_loss, p), p, k, k=3, num_iters=n)
+
+  res = top_at(params, key)
   w = np.linalg.eigvalsh(h)
   w = w[np.argsort(-np.abs(w))][:3]
   np.testing.assert_allclose(res.eigenvalues, w, rtol=1e-8)
@@ -478,3 +485,37 @@ def test_matvec_with_wrong_output_structure_raises():
 def test_integer_like_raises():
   with pytest.raises(TypeError, match="floating"):
     hutchinson_trace(lambda v: v, jnp.zeros(4, jnp.int32), jax.random.key(0), num_samples=2)
+
+
+def test_vmap_over_keys():
+  a = sym_matrix(np.linspace(1.0, 4.0, 8), seed=1)
+  keys = jax.random.split(jax.random.key(0), 3)
+  sd = jax.jit(
+    jax.vmap(
+      lambda k: (
+        spectral_density(
+          dense_matvec(a, jnp.float64),
+          jnp.zeros(8),
+          k,
+          num_iters=8,
+          num_runs=2,
+          grid=jnp.arange(8.0),
+        ).density
+      )
+    )
+  )(keys)
+  assert sd.shape == (3, 8) and np.all(np.isfinite(sd))
+  top = jax.jit(
+    jax.vmap(
+      lambda k: top_eigenvalues(dense_matvec(a, jnp.float64), jnp.zeros(8), k, k=1, num_iters=8)
+    )
+  )(keys)
+  np.testing.assert_allclose(top.eigenvalues[:, 0], 4.0, rtol=1e-10)
+
+
+def test_mixed_dtype_pytree_keeps_leaf_dtypes():
+  like = {"a": jnp.zeros(3, jnp.float32), "b": jnp.zeros(2, jnp.float64)}
+  matvec = lambda v: jax.tree.map(lambda x: 3 * x, v)
+  diag = hutchinson_diagonal(matvec, like, jax.random.key(0), num_samples=2)
+  assert diag["a"].dtype == jnp.float32 and diag["b"].dtype == jnp.float64
+  np.testing.assert_allclose(ravel_pytree(diag)[0], 3.0)
