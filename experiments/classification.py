@@ -84,7 +84,7 @@ class Classification(Task):
     keys = jax.random.split(key, len(cfg.channels) + 1)
     convs, c_in = [], 1
     for k, c in zip(keys[:-1], cfg.channels, strict=True):
-      std = np.sqrt(2.0 / (9 * c_in))
+      std = float(np.sqrt(2.0 / (9 * c_in)))  # a Python float keeps the params' dtype
       convs.append(
         {
           "w": std * jax.random.normal(k, (3, 3, c_in, c), self.dtype),

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -26,7 +27,7 @@ def _load_run_module():
   return module
 
 
-RUN = _load_run_module()
+RUN = _load_run_module()  # also puts experiments/ on sys.path (task modules import each other)
 
 
 def _load(source, overrides=()):
@@ -124,15 +125,32 @@ def test_overrides_reach_the_validated_config():
 # ---------------------------------------------------------------- runs and outputs
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
+# Keep the task-specific reports small in the smoke runs (they compile extra programs).
+SMOKE_OVERRIDES = {
+  "maml_sinusoid.yaml": ["task.memory_inner_steps=[1]", "task.eval_tasks=8", "task.meta_batch=4"],
+  "hyperopt_ridge.yaml": ["task.report_unroll_steps=[5]"],
+  "spectrum_mlp.yaml": ["task.lanczos_iters=8", "task.density_iters=8", "task.trace_samples=2"],
+}
+
+
+@pytest.mark.parametrize(
+  "path",
+  [
+    p if p.endswith("quickstart.yaml") else pytest.param(p, marks=pytest.mark.slow) for p in CONFIGS
+  ],
+  ids=[os.path.basename(p) for p in CONFIGS],
+)
 def test_every_config_validates_and_runs_a_few_steps(path, tmp_path):
-  cfg = _load(path, ["budget.steps=2", "eval_every=1", "progress=false", "seeds=[0]"])
+  overrides = ["budget.steps=2", "eval_every=1", "progress=false", "seeds=[0]"]
+  cfg = _load(path, overrides + SMOKE_OVERRIDES.get(os.path.basename(path), []))
+  for opt in cfg.optimizers:  # per-optimiser budgets too
+    opt.steps, opt.eval_every = None, None
   result = _run(cfg, tmp_path)
   labels = [config_lib.label_of(o) for o in cfg.optimizers]
   assert [r["optimizer"] for r in result.records if r["step"] == 0] == labels
-  for r in result.records:
-    assert r["step"] <= 2
+  assert {r["step"] for r in result.records} == {0, 1, 2}
   assert all(name in os.listdir(result.run_dir) for name in ("metrics.jsonl", "summary.md"))
+  assert cfg.experiment.name in result.summary
 
 
 def test_outputs_exist_parse_and_plot_one_line_per_optimiser(tmp_path):
@@ -187,20 +205,31 @@ def test_metrics_match_an_independent_computation(tmp_path):
 
 def test_one_compilation_per_optimiser(tmp_path):
   runner.TRACE_COUNTS.clear()
-  cfg = _load(_quick(), ["budget.steps=7", "eval_every=2"])  # 4 chunks, one of length 1
+  # 4 chunks of steps (one of length 1) for each of two seeds: still one trace per optimiser.
+  cfg = _load(_quick(), ["budget.steps=7", "eval_every=2", "seeds=[0, 1]"])
   _run(cfg, tmp_path)
   assert dict(runner.TRACE_COUNTS) == {"adam": 1, "lbfgs": 1}
 
 
 def test_resume_after_injected_interruption_matches_uninterrupted(tmp_path, monkeypatch):
-  overrides = ["budget.steps=8", "checkpoint_interval_s=0"]
+  # SGD, then DP-SGD (a PRNG key in its state); interrupted during DP-SGD's run.
+  overrides = [
+    "budget.steps=8",
+    "checkpoint_interval_s=0",
+    "optimizers=[{name: sgd}, {name: dp_sgd, expected_batch_size: 64}]",
+  ]
   full = _run(_load(_quick("full"), overrides), tmp_path / "a")
   run_dir = str(tmp_path / "b")
   os.makedirs(run_dir)
-  monkeypatch.setattr(runner, "_INTERRUPT_AFTER_EVALS", 7)  # inside lbfgs's run
+  # 8th evaluation = DP-SGD at step 4: logged, not yet checkpointed (the last one is at 2).
+  monkeypatch.setattr(runner, "_INTERRUPT_AFTER_EVALS", 8)
   with pytest.raises(KeyboardInterrupt):
     _run(_load(_quick("cut"), overrides), tmp_path / "b", run_dir=run_dir)
   monkeypatch.setattr(runner, "_INTERRUPT_AFTER_EVALS", 0)
+  logged = [
+    (r["optimizer"], r["step"]) for r in runner.records.read_metrics(f"{run_dir}/metrics.jsonl")
+  ]
+  assert logged[-1] == ("dp_sgd", 4)
   cut = _load(os.path.join(run_dir, "config.yaml"))
   resumed = _run(cut, tmp_path / "b", run_dir=run_dir, resume=True)
   _assert_same_metrics(full.records, resumed.records)
@@ -214,6 +243,7 @@ def _assert_same_metrics(a, b):
   assert sorted(strip(a), key=key) == sorted(strip(b), key=key)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_matches_uninterrupted(tmp_path):
   """A real subprocess is SIGKILLed mid-run, resumed with --resume, and ends identical."""
   args = [
@@ -223,6 +253,7 @@ def test_resume_after_kill_9_matches_uninterrupted(tmp_path):
     "eval_every=2",
     "checkpoint_interval_s=0",
     "progress=false",
+    # Newton-CG (a NamedTuple state with diagnostics) and Adam.
     "optimizers=[{name: newton_cg, cg_max_steps: 5}, {name: adam, learning_rate: 0.05}]",
   ]
   # x64 as in this process (conftest), so the in-process reference run computes identically.
@@ -253,3 +284,61 @@ def test_resume_after_kill_9_matches_uninterrupted(tmp_path):
   cfg = _load(quick, [a for a in args if not a.startswith("output_dir")])
   full = _run(cfg, tmp_path / "full")
   _assert_same_metrics(full.records, records)
+
+
+# ---------------------------------------------------------------- task families
+
+
+def test_dp_sgd_logs_the_privacy_spent(tmp_path):
+  from curvopt import privacy
+
+  cfg = _load(
+    os.path.join(ROOT, "configs", "dp_sgd_digits.yaml"),
+    ["budget.steps=4", "eval_every=2", "progress=false", "optimizers=[{name: dp_sgd}]"],
+  )
+  result = _run(cfg, tmp_path)
+  opt = cfg.optimizers[0]
+  n = RUN.TASKS["classification"]().build(cfg.task, np.float32).num_train()
+  for r in result.records:
+    expected = privacy.epsilon(opt.noise_multiplier, opt.expected_batch_size / n, r["step"], 1e-5)
+    assert r["epsilon"] == pytest.approx(expected) and r["delta"] == 1e-5
+  assert result.records[-1]["epsilon"] > 0
+
+
+def test_random_walk_true_values_solve_the_bellman_equation():
+  import td
+
+  cfg = td.Config(num_states=7, left_reward=-1.0)
+  task = td.build(cfg, np.float64)
+  n = cfg.num_states  # v = P v + r over the non-terminal states, solved densely
+  p, r = np.zeros((n, n)), np.zeros(n)
+  for i in range(n):
+    for j, reward in ((i - 1, cfg.left_reward), (i + 1, 1.0)):
+      if 0 <= j < n:
+        p[i, j] = 0.5
+      else:
+        r[i] += 0.5 * reward
+  np.testing.assert_allclose(task.true_values, np.linalg.solve(np.eye(n) - p, r), atol=1e-12)
+  data = task.train_data  # transitions are consistent: terminal ones end the episodes
+  assert float(data["discount_t"].sum()) == len(data["r_t"]) - cfg.num_episodes
+
+
+def test_hyperopt_implicit_hypergradient_matches_the_closed_form():
+  import hyperopt
+
+  task = hyperopt.build(hyperopt.Config(), np.float64)
+  params = task.init_params(None)
+  exact = jax.grad(lambda p: task.val_loss(task.exact_solution(p["log_lambda"])))(params)
+  implicit = jax.grad(task.objective("implicit"))(params)
+  # fixed_point stops at a 1e-6 relative step; the hyper-gradient inherits ~1e-4 of error.
+  error = np.linalg.norm(implicit["log_lambda"] - exact["log_lambda"])
+  assert error <= 1e-3 * np.linalg.norm(exact["log_lambda"])
+  # the exact solution itself, against numpy's least squares on the augmented system
+  lam = np.exp(np.asarray(params["log_lambda"]))
+  x, y = np.asarray(task.data["x"]), np.asarray(task.data["y"])
+  n = len(y)
+  aug_x = np.vstack([x / np.sqrt(n), np.diag(np.sqrt(lam))])
+  aug_y = np.concatenate([y / np.sqrt(n), np.zeros(len(lam))])
+  np.testing.assert_allclose(
+    task.exact_solution(params["log_lambda"]), np.linalg.lstsq(aug_x, aug_y)[0], rtol=1e-8
+  )

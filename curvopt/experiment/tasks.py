@@ -143,7 +143,7 @@ def dense_init(key: jax.Array, sizes: list[int], dtype: Any, scale: str = "lecun
   for k, (m, n) in zip(
     jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:], strict=True), strict=True
   ):
-    std = 1.0 / np.sqrt(m) if scale == "lecun" else np.sqrt(2.0 / m)
+    std = float(1.0 / np.sqrt(m) if scale == "lecun" else np.sqrt(2.0 / m))  # weak-typed
     params.append(
       {"w": std * jax.random.normal(k, (m, n), dtype=dtype), "b": jnp.zeros((n,), dtype=dtype)}
     )
