@@ -500,7 +500,8 @@ def top_eigenvalues(
   .. math::
     \lVert A y_i - \theta_i y_i \rVert = \beta_m |s_{m,i}|,
 
-  and bound the error: some eigenvalue of :math:`A` lies within that distance of
+  (exact up to round-off of order :math:`\epsilon \lVert A \rVert`, which they do not
+  include) and bound the error: some eigenvalue of :math:`A` lies within that distance of
   :math:`\theta_i` (and within its square over the spectral gap for a simple eigenvalue).
   Extreme eigenvalues converge at a rate governed by the gap relative to the spectral width
   (Kaniel-Paige-Saad), much faster than power iteration's ratio
@@ -591,7 +592,7 @@ def spectral_density(
       at least 2): an evenly spaced grid over the Ritz values widened by ``6 sigma`` on each
       side, so the density integrates to 1 over it.
     sigma: the width of the Gaussian broadening; by default 1% of the span of the Ritz
-      values (or of their largest magnitude when the span is 0, or 1 for the zero matrix).
+      values (or of their largest magnitude when the span is 0; 0.01 for the zero matrix).
     reorthogonalize: full reorthogonalisation inside each Lanczos run (default ``True``).
 
   Returns:
