@@ -137,7 +137,12 @@ class Config:
 
 
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
-  """Parses ``dotted.key=value`` strings; values are read as YAML scalars (safely)."""
+  """Parses ``dotted.key=value`` strings; values are read as YAML (safely).
+
+  Examples:
+    >>> parse_overrides(["budget.steps=100", "optimizers.0.name=adam", "seeds=[1, 2]"])
+    [('budget.steps', 100), ('optimizers.0.name', 'adam'), ('seeds', [1, 2])]
+  """
   parsed = []
   for item in overrides:
     key, sep, value = item.partition("=")

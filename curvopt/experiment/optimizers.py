@@ -155,6 +155,16 @@ def state_diagnostics(state: Any) -> dict[str, jax.Array]:
   Each scalar leaf whose path ends in a NamedTuple field is reported under the field's name
   (``damping``, ``rho``, ``cg_steps``, ``learning_rate`` of a line search, ...); counters and
   values logged elsewhere are skipped; repeated names get a suffix.
+
+  Examples:
+    >>> from typing import NamedTuple
+    >>> class State(NamedTuple):
+    ...   count: jax.Array
+    ...   damping: jax.Array
+    ...   direction: jax.Array
+    >>> state = State(jnp.int32(3), jnp.float32(0.5), jnp.zeros(4))
+    >>> {k: float(v) for k, v in state_diagnostics(state).items()}
+    {'damping': 0.5}
   """
   out: dict[str, jax.Array] = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:

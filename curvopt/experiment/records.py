@@ -12,7 +12,12 @@ RESERVED = ("optimizer", "seed", "step", "wall_time")
 
 
 def to_python(value: Any) -> Any:
-  """A JSON-safe Python scalar; non-finite floats become ``None`` (strict JSON has no NaN)."""
+  """A JSON-safe Python scalar; non-finite floats become ``None`` (strict JSON has no NaN).
+
+  Examples:
+    >>> to_python(np.float32(0.5)), to_python(np.int32(3)), to_python(float("nan"))
+    (0.5, 3, None)
+  """
   value = np.asarray(value)
   if value.dtype == np.bool_:
     return bool(value)
@@ -98,7 +103,15 @@ def summarize(
   target: float | None = None,
   extra_metrics: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-  """Per optimiser (averaged over seeds): final and best metric, steps/time to target."""
+  """Per optimiser (over seeds): final and best metric, steps and time to target.
+
+  Examples:
+    >>> recs = [{"optimizer": "a", "seed": 0, "step": s, "wall_time": 0.1 * s, "loss": 1 / (s + 1)}
+    ...         for s in range(4)]
+    >>> row = summarize(recs, "loss", target=0.3)[0]
+    >>> row["final"], row["best"], row["steps_to_target"], row["time_to_target"]
+    ([0.25], [0.25], [3], [0.30000000000000004])
+  """
   rows = []
   for opt, seeds in group(records).items():
     finals, bests, steps_t, times_t, train_t, last_step = [], [], [], [], [], []
