@@ -341,6 +341,26 @@ def test_eager_matches_loop():
   _check(loss_fn, params, jax.random.normal(k[1], (4, 5, 3), jnp.float32), eager=True)
 
 
+def test_loss_closing_over_traced_values_under_jit():
+  """A ``loss_fn`` built inside ``jit`` around traced values (a scale, data statistics)."""
+  k = jax.random.split(jax.random.key(13), 2)
+  params = {"w": jax.random.normal(k[0], (3, 2), jnp.float64)}
+  x = jax.random.normal(k[1], (4, 3), jnp.float64)
+  weights = _leaf_weights(params, 4)
+
+  @jax.jit
+  def run(p, batch, scale):
+    mean = batch.mean(axis=0)
+    loss_fn = lambda p, xi: scale * jnp.sum(jnp.tanh((xi - mean) @ p["w"]))
+    return ghost_clipped_sum(loss_fn, p, batch, lambda s: weights)
+
+  total, sq = run(params, x, 3.0)
+  loss_fn = lambda p, xi: 3.0 * jnp.sum(jnp.tanh((xi - x.mean(axis=0)) @ p["w"]))
+  ref_total, ref_sq = _loop_reference(loss_fn, params, x, weights)
+  _assert_tree_close(sq, ref_sq, 1e-9)
+  _assert_tree_close(total, ref_total, 1e-9)
+
+
 def test_misuse_raises():
   with pytest.raises(ValueError, match="leading"):
     ghost_clipped_sum(
