@@ -394,3 +394,24 @@ def test_clipped_grad_ghost_matches_vmap(per_layer):
   _assert_tree_close(mean_g, mean_v)
   _assert_tree_close(jax.tree.map(jnp.nan_to_num, norms_g), jax.tree.map(jnp.nan_to_num, norms_v))
   assert all(np.all(np.isfinite(m)) for m in jax.tree.leaves(mean_g))
+
+
+def test_dp_sgd_step_from_ghost_sum_matches_vmap():
+  """A noised DP-SGD step fed the ghost clipped sum equals the one fed the vmap clipped sum."""
+  per_example = pytest.importorskip("curvopt.per_example")
+  model = _EmbedDense(True, nnx.Rngs(2))
+  loss_fn, params = _nnx_loss(model, lambda m, ex: _regression(m(ex["tokens"]), ex["y"]))
+  tokens = jnp.array([[1, 2, 1, 6], [0, 0, 3, 0], [3, 4, 5, 6], [6, 5, 6, 5]])
+  batch = {"tokens": tokens, "y": jax.random.normal(jax.random.key(14), (4, 3), jnp.float32)}
+  is_padding = jnp.array([False, False, False, True])
+  opt = per_example.dp_sgd(0.1, l2_norm_clip=0.3, noise_multiplier=1.1, key=3, per_layer=True)
+  updates = {}
+  for method in ("vmap", "ghost"):
+    sum_fn = per_example.clipped_sum_fn(loss_fn, 0.3, method=method, per_layer=True)
+
+    @jax.jit
+    def step(p, b, pad, sum_fn=sum_fn):
+      return opt.update(sum_fn(p, b, pad), opt.init(p), p)[0]
+
+    updates[method] = step(params, batch, is_padding)
+  _assert_tree_close(updates["ghost"], updates["vmap"])
