@@ -150,7 +150,7 @@ def ghost_clipped_sum(
   for leaf, site in plan.sites.items():
     sq[leaf] = _site_sq_norm(site, data[site.key], deltas[site.key], leaves[leaf])
   for i, g in zip(fallback, fb_grads, strict=True):
-    sq[i] = jnp.sum(jnp.square(g).reshape(num_examples, -1), axis=1)
+    sq[i] = jnp.sum(jnp.square(_at_least_f32(g)).reshape(num_examples, -1), axis=1)
   sq_norms = jax.tree.unflatten(treedef, sq)
 
   weights = jax.tree.leaves(weight_fn(sq_norms))
@@ -174,7 +174,14 @@ def ghost_clipped_sum(
 
 def _norm_dtype(leaf):
   dtype = jnp.result_type(leaf)
-  return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
+  return (
+    jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
+  )
+
+
+def _at_least_f32(x):
+  """Norms of half-precision models are accumulated in float32."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _expand(mask, ndim):
@@ -228,6 +235,7 @@ def _site_sq_norm(site, data, delta, leaf):
 
 def _product_sq_norm(a, d):
   r""":math:`\sum_g \|a_g^\top d_g\|_F^2` per example, ``a: (B, G, N, K)``, ``d: (B, G, N, P)``."""
+  a, d = _at_least_f32(a), _at_least_f32(d)
   n, k, p = a.shape[2], a.shape[3], d.shape[3]
   if n == 1:
     sq = jnp.sum(jnp.square(a), axis=(2, 3)) * jnp.sum(jnp.square(d), axis=(2, 3))
@@ -293,7 +301,7 @@ def _conv_sq_norm(site, data, delta):
   out_shape = site.eqn.outvars[0].aval.shape
   out_spatial = [out_shape[i] for i in dn.out_spec[2:]]
   strides = list(params["window_strides"])
-  lhs = data[0]
+  lhs, delta = _at_least_f32(data[0]), _at_least_f32(delta)
   b = lhs.shape[0]
   # (B, n, *spatial, C_in) and (B, N = n * prod(out_spatial), C_out).
   x = jnp.transpose(lhs, [0, *(1 + i for i in (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))])
@@ -335,7 +343,7 @@ def _gather_sq_norm(site, data, delta, leaf):
   b = idx.shape[0]
   table_rows = site.eqn.invars[0].aval.shape[0]
   ids = idx.reshape(b, -1)
-  d = delta.reshape(b, ids.shape[1], -1)
+  d = _at_least_f32(delta).reshape(b, ids.shape[1], -1)
   mode = site.eqn.params["mode"]
   if "FILL_OR_DROP" in str(mode):
     valid = (ids >= 0) & (ids < table_rows)
@@ -356,5 +364,5 @@ def _per_example_sq_norm(site, data, delta, leaf):
     return vjp_fn(delta_i)[0]
 
   axes = [None if x is None else 0 for x in data]
-  g = jax.vmap(grad_i, in_axes=(axes, 0))(data, delta)
+  g = _at_least_f32(jax.vmap(grad_i, in_axes=(axes, 0))(data, delta))
   return jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)

@@ -415,3 +415,28 @@ def test_dp_sgd_step_from_ghost_sum_matches_vmap():
 
     updates[method] = step(params, batch, is_padding)
   _assert_tree_close(updates["ghost"], updates["vmap"])
+
+
+def test_bfloat16_model_norms_in_float32():
+  """Half-precision parameters: norms accumulate in float32, the sum keeps the leaf dtype."""
+  k = jax.random.split(jax.random.key(15), 3)
+  params32 = {"w": jax.random.normal(k[0], (8, 4), jnp.float32), "b": jnp.ones((4,), jnp.float32)}
+  x32 = jax.random.normal(k[1], (5, 3, 8), jnp.float32)
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params32)
+  loss_fn = lambda p, xi: jnp.sum(jnp.tanh(xi @ p["w"] + p["b"]).astype(jnp.float32) ** 2)
+  ones = lambda s: jax.tree.map(jnp.ones_like, s)
+  total, sq = jax.jit(lambda p, b: ghost_clipped_sum(loss_fn, p, b, ones))(
+    params, x32.astype(jnp.bfloat16)
+  )
+  assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(sq))
+  assert all(t.dtype == jnp.bfloat16 for t in jax.tree.leaves(total))
+  # Reference in float32 on the same (bfloat16-rounded) values; bfloat16 has ~3 digits.
+  up = lambda t: jax.tree.map(lambda v: v.astype(jnp.float32), t)
+  ref_total, ref_sq = _loop_reference(
+    loss_fn,
+    up(params),
+    x32.astype(jnp.bfloat16).astype(jnp.float32),
+    jax.tree.map(lambda _: jnp.ones((5,), jnp.float32), params),
+  )
+  _assert_tree_close(sq, ref_sq, rtol=5e-2, atol_scale=5e-2)
+  _assert_tree_close(up(total), ref_total, rtol=5e-2, atol_scale=5e-2)
