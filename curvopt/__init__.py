@@ -13,7 +13,7 @@ Layers (imports flow downward only):
 
 import importlib
 
-from curvopt import estimators, sharding
+from curvopt import estimators, ghost, sharding
 from curvopt.custom_rules import clip_gradient, log1pexp, straight_through
 from curvopt.derivatives import (
   batch_hessian,
@@ -100,6 +100,7 @@ __all__ = [
   "empirical_ntk",
   "estimators",
   "fixed_point",
+  "ghost",
   "ggn_fn",
   "ggn_vp",
   "hessian",
