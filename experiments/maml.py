@@ -41,6 +41,7 @@ class Config:
   inner_lr: float = 0.01
   inner_steps: int = 1
   imaml_inner_steps: int = 16
+  imaml_inner_lr: float | None = None  # None: inner_lr
   proximal_lambda: float = 2.0
   cg_steps: int = 5
   eval_tasks: int = 200
@@ -94,7 +95,7 @@ class Maml(Task):
     if variant == "imaml":
       return maml_loss(
         self.task_loss,
-        inner_lr=cfg.inner_lr,
+        inner_lr=cfg.imaml_inner_lr or cfg.inner_lr,
         inner_steps=inner_steps or cfg.imaml_inner_steps,
         implicit=True,
         proximal_lambda=cfg.proximal_lambda,

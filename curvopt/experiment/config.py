@@ -8,7 +8,7 @@ key path and, where it applies, the allowed keys or values.
 
 import dataclasses
 import enum
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -255,6 +255,3 @@ def check_choice(path: str, value: Any, allowed: Sequence[Any]) -> None:
   """Raises :class:`ConfigError` naming ``path`` unless ``value`` is in ``allowed``."""
   if value not in allowed:
     raise ConfigError(f"config key '{path}': invalid value {value!r}; allowed values: {allowed}.")
-
-
-TaskSchemaLoader = Callable[[], Any]

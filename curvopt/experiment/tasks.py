@@ -7,7 +7,6 @@ seed's data key and the step number, so a resumed run sees the same batches as a
 one.
 """
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -89,11 +88,6 @@ class Task:
     """Loss of one example (no leading axis): the batch objective on a batch of one."""
     return self.loss(params, **jax.tree.map(lambda a: jnp.expand_dims(a, 0), example))
 
-  def host_metrics(self, opt_cfg: Any, step: int) -> dict[str, float]:
-    """Metrics computed on the host at evaluation time (e.g. privacy spent)."""
-    del opt_cfg, step
-    return {}
-
   def report(self, run_dir: str, records: list[dict]) -> str:
     """Extra Markdown for ``summary.md`` (task-specific analyses); empty by default."""
     del run_dir, records
@@ -167,7 +161,3 @@ def as_dtype(tree: Any, dtype: Any) -> Any:
     ),
     tree,
   )
-
-
-def config_dict(cfg: Any) -> dict:
-  return dataclasses.asdict(cfg)
