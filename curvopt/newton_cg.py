@@ -145,6 +145,32 @@ def _per_example(objective_fn: Callable, data: dict, what: str):
   return loss, examples
 
 
+def _curvature_chunk(data: dict, size: int | None, count: jax.Array) -> dict:
+  """Rows ``[j s, (j + 1) s)`` of every data argument, ``j = count mod (n // s)``.
+
+  The curvature mini-batch of Martens (2010): a different contiguous chunk of the step's
+  examples at every update, cycling through the batch, with static shapes (no recompilation).
+  """
+  if size is None or not data:
+    return data
+  leaves = jax.tree.leaves(data)
+  sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError(
+      "curvature_batch_size needs every data keyword argument to have the same leading example "
+      f"axis; got leading sizes {sorted(map(str, sizes))}. Pass non-batch constants through "
+      "model_fn/loss_fn closures instead."
+    )
+  (n,) = sizes
+  if size > n:
+    raise ValueError(
+      f"curvature_batch_size={size} exceeds the {n} examples passed to update(); use at most "
+      f"{n} (or None for the whole batch)."
+    )
+  start = (count % (n // size)) * size
+  return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=0), data)
+
+
 def scale_by_newton_cg(
   curvature: CurvatureName | CurvatureFn = "ggn",
   *,
@@ -164,6 +190,7 @@ def scale_by_newton_cg(
   preconditioner_exponent: float = 0.75,
   cg_backtracking: bool = False,
   hvp_mode: products.HvpMode = "fwd_rev",
+  curvature_batch_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Newton-CG direction :math:`d \approx (C + \lambda I)^{-1} g` (Hessian-free, Martens 2010).
 
@@ -236,6 +263,14 @@ def scale_by_newton_cg(
       (Martens 2010 §4.6) rather than the last one; costs a few loss evaluations and the
       memory of about ``log(cg_max_steps) / log(1.3)`` directions.
     hvp_mode: forward/reverse composition of Hessian products (``"hessian"`` only).
+    curvature_batch_size: if set, curvature products and the preconditioner use only this
+      many examples of the step's batch (Martens 2010 §4.2), while the gradient and
+      :math:`\rho` use all of it. The chunk is rows ``[j s, (j + 1) s)`` of every data
+      keyword argument with ``j = count mod (n // s)``, so it changes at every update with
+      static shapes; every data argument needs the same leading example axis, and the
+      objective must be a mean over examples (so that the chunk's curvature estimates the
+      batch's). Shuffle the batch between updates (or pass a fresh permutation) so that the
+      chunks are representative: contiguous rows of sorted data make a biased curvature.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`NewtonCGState`.
@@ -286,6 +321,12 @@ def scale_by_newton_cg(
       f"Need damping_increase >= 1 and 0 < damping_decrease <= 1; got {damping_increase!r} "
       f"and {damping_decrease!r}."
     )
+  if curvature_batch_size is not None and not (
+    isinstance(curvature_batch_size, int) and curvature_batch_size >= 1
+  ):
+    raise ValueError(
+      f"curvature_batch_size must be a positive int or None; got {curvature_batch_size!r}."
+    )
   if not 0 <= warm_start <= 1:
     raise ValueError(f"warm_start must be in [0, 1]; got {warm_start!r}.")
   if isinstance(cg_tol, str):
@@ -323,15 +364,25 @@ def scale_by_newton_cg(
     dtype = state.damping.dtype
     lam = state.damping
 
+    # The curvature (and its preconditioner) may see a smaller chunk of the batch than the
+    # gradient and the reduction ratio (Martens 2010 §4.2).
+    curvature_data = _curvature_chunk(data, curvature_batch_size, state.count)
+    if curvature_batch_size is None or full_value_fn is None:
+      curvature_objective = objective
+    else:
+      bound_chunk = _route(full_value_fn, curvature_data)
+      curvature_objective = lambda p: full_value_fn(p, **bound_chunk)
+
     if curvature == "hessian":
       if objective is None:
         raise ValueError(
           "newton_cg(curvature='hessian') needs value_fn=(params, **data) -> loss in update(), "
           "e.g. tx.update(grads, state, params, value_fn=loss_fn, x=x, y=y)."
         )
-      matvec = products.hvp_fn(objective, params, mode=hvp_mode)
+      matvec = products.hvp_fn(curvature_objective, params, mode=hvp_mode)
     elif curvature == "ggn":
-      model_data, loss_data = _route(model_fn, data), _route(loss_fn, data)
+      model_data = _route(model_fn, curvature_data)
+      loss_data = _route(loss_fn, curvature_data)
       matvec = products.ggn_fn(
         lambda p: model_fn(p, **model_data), lambda z: loss_fn(z, **loss_data), params
       )
@@ -342,19 +393,21 @@ def scale_by_newton_cg(
           "update() (or model_fn/loss_fn at construction), and the mini-batch as data "
           "keyword arguments with a leading example axis."
         )
-      per_example, examples = _per_example(full_value_fn, data, "curvature='fisher'")
+      per_example, examples = _per_example(full_value_fn, curvature_data, "curvature='fisher'")
       matvec = products.empirical_fisher_fn(per_example, params, examples)
     else:
-      matvec = curvature(params, objective, data)
+      matvec = curvature(params, curvature_objective, curvature_data)
 
     if callable(preconditioner):
-      diagonal = preconditioner(params, objective, data)
+      diagonal = preconditioner(params, curvature_objective, curvature_data)
     elif preconditioner == "martens":
       if full_value_fn is None:
         raise ValueError(
           "preconditioner='martens' needs value_fn in update() (or model_fn/loss_fn)."
         )
-      per_example, examples = _per_example(full_value_fn, data, "preconditioner='martens'")
+      per_example, examples = _per_example(
+        full_value_fn, curvature_data, "preconditioner='martens'"
+      )
       grads_i = jax.vmap(jax.grad(per_example), in_axes=(None, 0))(params, examples)
       diagonal = jax.tree.map(lambda g: jnp.mean(jnp.abs(g) ** 2, axis=0), grads_i)
     else:
@@ -457,6 +510,7 @@ def newton_cg(
   warm_start: float = 0.95,
   preconditioner: Literal["martens"] | Callable[..., Params] | None = None,
   cg_backtracking: bool = False,
+  curvature_batch_size: int | None = None,
   linesearch: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Newton-CG / Hessian-free optimiser: :func:`scale_by_newton_cg`, learning rate, line search.
@@ -488,6 +542,8 @@ def newton_cg(
     warm_start: decay of the previous direction used to start CG.
     preconditioner: ``None``, ``"martens"`` or a callable returning a diagonal.
     cg_backtracking: pick the best saved CG iterate by the true loss.
+    curvature_batch_size: curvature products on a rotating chunk of this many examples of
+      the batch (see :func:`scale_by_newton_cg`); ``None`` uses the whole batch.
     linesearch: optional optax line search chained after the scaled direction.
 
   Returns:
@@ -526,6 +582,7 @@ def newton_cg(
     warm_start=warm_start,
     preconditioner=preconditioner,
     cg_backtracking=cg_backtracking,
+    curvature_batch_size=curvature_batch_size,
   )
   scaling = optax.scale_by_learning_rate(learning_rate)
   if linesearch is None:

@@ -343,6 +343,191 @@ def test_flax_nnx_optimizer():
   assert np.all(np.isfinite(losses))
 
 
+def _dense_ggn(params, x, y, model_fn, loss_fn):
+  """Dense float64 GGN ``Jᵀ H J`` of the batch ``(x, y)`` by ``jacrev``/``hessian``."""
+  flat, unravel = ravel_pytree(params)
+  jac = jax.jacrev(lambda v: model_fn(unravel(v), x).ravel())(flat)
+  outputs = model_fn(params, x).ravel()
+  h_out = jax.hessian(lambda z: loss_fn(z.reshape(outputs.size // y.shape[-1], -1), y))(outputs)
+  return jac.T @ h_out @ jac
+
+
+@pytest.mark.parametrize("preconditioner", [None, "martens"])
+def test_curvature_batch_size_uses_rotating_chunk(preconditioner):
+  params, x, y, model_fn, loss_fn = _mlp_problem(4, n=48)
+  value_fn = value_fn_from_model(model_fn, loss_fn)
+  g = jax.grad(value_fn)(params, x=x, y=y)
+  lam = 0.2
+  tx = scale_by_newton_cg(
+    "ggn",
+    model_fn=model_fn,
+    loss_fn=loss_fn,
+    damping=lam,
+    adapt_damping=False,
+    accept_ratio=None,
+    cg_tol=1e-12,
+    cg_progress_tol=None,
+    cg_max_steps=200,
+    warm_start=0.0,
+    preconditioner=preconditioner,
+    curvature_batch_size=16,
+  )
+  update = jax.jit(lambda g, s, p, x, y: tx.update(g, s, p, x=x, y=y))
+  # count = 3 wraps around to the first chunk (48 // 16 = 3 chunks).
+  for count, rows in [(0, slice(0, 16)), (1, slice(16, 32)), (2, slice(32, 48)), (3, slice(0, 16))]:
+    state = tx.init(params)._replace(count=jnp.asarray(count, jnp.int32))
+    d, state = update(g, state, params, x, y)
+    # Full-batch gradient, curvature of the chunk only (dense reference).
+    c = _dense_ggn(params, x[rows], y[rows], model_fn, loss_fn)
+    flat_g = ravel_pytree(g)[0]
+    expected = np.linalg.solve(c + lam * np.eye(flat_g.size), flat_g)
+    np.testing.assert_allclose(ravel_pytree(d)[0], expected, rtol=1e-7, atol=1e-10)
+    # rho measures the full-batch loss against the chunk-curvature model.
+    fv = lambda v: value_fn(ravel_pytree(params)[1](v), x=x, y=y)
+    flat = ravel_pytree(params)[0]
+    predicted = -flat_g @ expected + 0.5 * expected @ (c + lam * np.eye(flat.size)) @ expected
+    np.testing.assert_allclose(state.rho, (fv(flat - expected) - fv(flat)) / predicted, rtol=1e-6)
+  assert update._cache_size() == 1
+
+
+def test_curvature_batch_size_misuse():
+  params, x, y, model_fn, loss_fn = _mlp_problem(0, n=8)
+  g = jax.grad(value_fn_from_model(model_fn, loss_fn))(params, x=x, y=y)
+  tx = scale_by_newton_cg("ggn", model_fn=model_fn, loss_fn=loss_fn, curvature_batch_size=16)
+  with pytest.raises(ValueError, match="exceeds the 8 examples"):
+    tx.update(g, tx.init(params), params, x=x, y=y)
+  tx = scale_by_newton_cg("ggn", model_fn=model_fn, loss_fn=loss_fn, curvature_batch_size=4)
+  with pytest.raises(ValueError, match="same leading example axis"):
+    tx.update(g, tx.init(params), params, x=x, y=y[:6])
+  with pytest.raises(ValueError, match="curvature_batch_size"):
+    scale_by_newton_cg("ggn", model_fn=model_fn, loss_fn=loss_fn, curvature_batch_size=0)
+
+
+def test_cg_backtracking_through_newton_cg_picks_best_saved_iterate():
+  params, x, y, model_fn, loss_fn = _mlp_problem(5)
+  value_fn = value_fn_from_model(model_fn, loss_fn)
+  flat, unravel = ravel_pytree(params)
+  fv = lambda v: value_fn(unravel(v), x=x, y=y)
+  lam, max_steps = 1e-3, 12
+  tx = newton_cg(
+    model_fn=model_fn,
+    loss_fn=loss_fn,
+    damping=lam,
+    adapt_damping=False,
+    accept_ratio=None,
+    cg_tol=0.0,
+    cg_progress_tol=None,
+    cg_max_steps=max_steps,
+    warm_start=0.0,
+    cg_backtracking=True,
+  )
+  g = jax.grad(value_fn)(params, x=x, y=y)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, x=x, y=y))
+  updates, state = update(g, tx.init(params), params)
+  # Reference: plain CG in numpy on the dense damped GGN, iterates saved at ceil(1.3^j) and
+  # the final one (preferred on ties), the best by the true loss of params - x_k.
+  a = np.asarray(_dense_ggn(params, x, y, model_fn, loss_fn)) + lam * np.eye(flat.size)
+  b = np.asarray(ravel_pytree(g)[0])
+  xk, r, p, iterates = np.zeros_like(b), b.copy(), b.copy(), {}
+  for k in range(1, max_steps + 1):
+    ap = a @ p
+    alpha = (r @ r) / (p @ ap)
+    xk, r_new = xk + alpha * p, r - alpha * ap
+    p, r = r_new + (r_new @ r_new) / (r @ r) * p, r_new
+    iterates[k] = xk
+  saved = sorted({int(np.ceil(1.3**j)) for j in range(20)} & set(range(1, max_steps + 1)))
+  candidates = [iterates[k] for k in saved] + [iterates[max_steps]]
+  losses = [float(fv(flat - c)) for c in candidates]
+  best = min(range(len(losses)), key=lambda i: (losses[i], -i))
+  assert best < len(candidates) - 1  # backtracking actually chose an earlier iterate
+  np.testing.assert_allclose(ravel_pytree(updates)[0], -candidates[best], rtol=1e-6, atol=1e-12)
+  assert int(state[0].cg_steps) == max_steps
+  assert float(fv(flat + ravel_pytree(updates)[0])) <= float(fv(flat - iterates[max_steps]))
+
+
+def test_chains_with_zoom_linesearch_under_jit():
+  params, x, y, model_fn, loss_fn = _mlp_problem(6)
+  value_fn = value_fn_from_model(model_fn, loss_fn)
+  common = dict(damping=1e-2, accept_ratio=None, cg_max_steps=30)
+  wrapped = newton_cg(
+    model_fn=model_fn,
+    loss_fn=loss_fn,
+    linesearch=optax.scale_by_zoom_linesearch(max_linesearch_steps=15),
+    **common,
+  )
+  by_hand = optax.chain(
+    scale_by_newton_cg("ggn", model_fn=model_fn, loss_fn=loss_fn, **common),
+    optax.scale(-1.0),
+    optax.scale_by_zoom_linesearch(max_linesearch_steps=15),
+  )
+  trajectories = []
+  for tx in (wrapped, by_hand):
+
+    @jax.jit
+    def step(p, state, tx=tx):
+      value, grad = jax.value_and_grad(value_fn)(p, x=x, y=y)
+      updates, state = tx.update(
+        grad, state, p, value=value, grad=grad, value_fn=value_fn, x=x, y=y
+      )
+      return optax.apply_updates(p, updates), state, value, grad, updates
+
+    p, state, losses = params, tx.init(params), []
+    for _ in range(6):
+      new_p, state, value, grad, updates = step(p, state)
+      new_value = value_fn(new_p, x=x, y=y)
+      # Armijo sufficient decrease (zoom's c1 = 1e-4) checked on the true loss.
+      slope = optax.tree.vdot(grad, updates)
+      assert float(slope) < 0 and float(new_value) <= float(value) + 1e-4 * float(slope)
+      losses.append(float(new_value))
+      p = new_p
+    assert losses[-1] < 0.5 * float(value_fn(params, x=x, y=y))
+    trajectories.append(losses)
+  np.testing.assert_allclose(trajectories[0], trajectories[1], rtol=1e-10)
+
+
+def test_float32_run_stays_float32_and_matches_float64_solve():
+  params, x, y, model_fn, loss_fn = _mlp_problem(7, dtype=jnp.float32)
+  assert x.dtype == jnp.float32
+  value_fn = value_fn_from_model(model_fn, loss_fn)
+  lam = 0.5
+  tx = newton_cg(
+    model_fn=model_fn,
+    loss_fn=loss_fn,
+    damping=lam,
+    cg_tol=1e-6,
+    cg_max_steps=50,
+    cg_progress_tol=None,
+  )
+
+  @jax.jit
+  def step(p, state):
+    value, grads = jax.value_and_grad(value_fn)(p, x=x, y=y)
+    updates, state = tx.update(grads, state, p, value=value, x=x, y=y)
+    return optax.apply_updates(p, updates), state, updates
+
+  state = tx.init(params)
+  new_params, state, updates = step(params, state)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves((new_params, updates)))
+  inner = state[0]
+  for name in ("damping", "rho", "loss"):
+    assert getattr(inner, name).dtype == jnp.float32, name
+  # First direction against a dense float64 solve at the same (float32-valued) point.
+  p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+  x64, y64 = x.astype(jnp.float64), y.astype(jnp.float64)
+  c = _dense_ggn(p64, x64, y64, model_fn, loss_fn)
+  g64 = ravel_pytree(jax.grad(value_fn)(p64, x=x64, y=y64))[0]
+  expected = -np.linalg.solve(c + lam * np.eye(g64.size), g64)
+  np.testing.assert_allclose(ravel_pytree(updates)[0], expected, rtol=2e-4, atol=2e-5)
+  losses = [float(value_fn(params, x=x, y=y))]
+  params = new_params
+  for _ in range(15):
+    params, state, _ = step(params, state)
+    losses.append(float(value_fn(params, x=x, y=y)))
+  assert np.all(np.isfinite(losses)) and np.all(np.diff(losses) <= 1e-6)
+  assert losses[-1] < 0.5 * losses[0]
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+
+
 def test_misuse_raises_with_the_fix():
   with pytest.raises(ValueError, match="model_fn"):
     newton_cg(curvature="ggn")
