@@ -35,6 +35,23 @@ class BudgetConfig:
 
 
 @dataclass
+class MeshConfig:
+  """Data-parallel devices: the batch of each step is split over ``num_devices`` devices.
+
+  ``num_devices: 1`` (the default, also when the section is missing) runs on one device
+  exactly as without a mesh; ``null`` uses every device (of every host). The parameters,
+  optimiser state and stored data are replicated; XLA inserts the batch reductions.
+  ``distributed: true`` calls ``jax.distributed.initialize()`` first (one process per host,
+  its coordinator found from the environment, e.g. SLURM or the ``JAX_COORDINATOR_ADDRESS``,
+  ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` variables); then only process 0 writes outputs.
+  """
+
+  num_devices: int | None = 1
+  data_axis: str = "data"
+  distributed: bool = False
+
+
+@dataclass
 class ExperimentConfig:
   """The top level of every config file.
 
@@ -54,6 +71,7 @@ class ExperimentConfig:
   target: float | None = None
   checkpoint_interval_s: float = 5.0
   progress: bool = True
+  mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
 def _where(path: str) -> str:
@@ -229,6 +247,12 @@ def _check_values(experiment: ExperimentConfig, opts: list[Any]) -> None:
     ("eval_every", experiment.eval_every >= 1, "an integer >= 1"),
     ("seeds", len(experiment.seeds) >= 1, "a non-empty list of integers"),
     ("checkpoint_interval_s", experiment.checkpoint_interval_s >= 0, "a number >= 0"),
+    (
+      "mesh.num_devices",
+      experiment.mesh.num_devices is None or experiment.mesh.num_devices >= 1,
+      "an integer >= 1, or null for every device",
+    ),
+    ("mesh.data_axis", bool(experiment.mesh.data_axis.strip()), "a non-empty axis name"),
   ]
   if experiment.budget.seconds is not None:
     checks.append(("budget.seconds", experiment.budget.seconds > 0, "a number > 0 or null"))

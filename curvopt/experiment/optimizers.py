@@ -201,7 +201,7 @@ def optax_method(task: Any, tx: optax.GradientTransformation, objective: Callabl
   tx = optax.with_extra_args_support(tx)
 
   def step(params, state, data_key, t):
-    batch = task.batch(data_key, t)
+    batch = task.step_batch(data_key, t)
     value, grad = jax.value_and_grad(objective)(params, **batch)
     updates, state = tx.update(
       grad, state, params, value=value, grad=grad, value_fn=objective, **batch
@@ -271,6 +271,8 @@ def _dp_sgd_method(cfg: DPSGDConfig, task: Any, objective: Callable, path: str) 
   del objective  # DP-SGD differentiates the per-example loss instead.
   rate = cfg.expected_batch_size / n
   padded = privacy.padded_batch_size(n, rate)
+  devices = task.data_devices()
+  padded = -(-padded // devices) * devices  # more padding, so the batch splits evenly
 
   def make(key):  # the noise key lives in the state; ``key`` only seeds it at init
     return dp_sgd(
@@ -286,8 +288,9 @@ def _dp_sgd_method(cfg: DPSGDConfig, task: Any, objective: Callable, path: str) 
     tx = make(jax.random.key(0))
     sample = privacy.poisson_sample(jax.random.fold_in(data_key, t), n, rate, padded)
     batch = jax.tree.map(lambda a: a[sample.indices], task.train_data)
+    batch, is_padding = task.constrain_batch((batch, sample.is_padding))
     grads = per_example_grads(task.per_example_loss, params, batch)
-    updates, state = tx.update(grads, state, params, is_padding=sample.is_padding)
+    updates, state = tx.update(grads, state, params, is_padding=is_padding)
     params = optax.apply_updates(params, updates)
     diagnostics = {"batch_size": jnp.sum(~sample.is_padding), "truncated": sample.num_truncated}
     return params, state, diagnostics | state_diagnostics(state)

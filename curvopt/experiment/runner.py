@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from curvopt import sharding
 from curvopt.experiment import config as config_lib
 from curvopt.experiment import optimizers as opt_lib
 from curvopt.experiment import plots, records
@@ -71,6 +72,70 @@ def _set_precision(precision: config_lib.Precision) -> Any:
       jax.config.update("jax_enable_x64", True)
     return jnp.float64
   return jnp.float32
+
+
+def make_mesh(mesh_cfg: config_lib.MeshConfig) -> Any:
+  """The data-parallel mesh of a config's ``mesh:`` section, ``None`` for one device.
+
+  Calls ``jax.distributed.initialize()`` first when ``distributed`` is set (before any other
+  use of JAX's backends). Errors name the config key.
+  """
+  if mesh_cfg.distributed and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+  available = jax.device_count()
+  n = available if mesh_cfg.num_devices is None else mesh_cfg.num_devices
+  if n > available:
+    raise ConfigError(
+      f"config key 'mesh.num_devices': {n} devices requested but {available} available "
+      f"({jax.default_backend()}); use mesh.num_devices<={available} or null for all of them. "
+      "On CPU, simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=N set "
+      "before the launcher starts; on several hosts set mesh.distributed=true."
+    )
+  if jax.process_count() > 1 and n != available:
+    raise ConfigError(
+      f"config key 'mesh.num_devices': {n} of {available} devices in a {jax.process_count()}-"
+      "process run; every process must take part, so use null (all devices)."
+    )
+  if n == 1:
+    return None
+  return sharding.data_mesh(n, mesh_cfg.data_axis)
+
+
+def _check_batch_splits(task: Any) -> None:
+  """Rejects a mesh that does not divide every leaf of the task's batch (before any work)."""
+  d = task.data_devices()
+  if d == 1:
+    return
+  shapes = jax.eval_shape(task.batch, jax.random.key(0), jnp.int32(0))
+  for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+    if leaf.ndim and leaf.shape[0] % d:
+      raise ConfigError(
+        f"config key 'mesh.num_devices': the task's batch{jax.tree_util.keystr(path)} has "
+        f"{leaf.shape[0]} examples, not a multiple of the {d} devices; set task.batch_size "
+        f"(or the task's training-set size) to a multiple of {d}, or mesh.num_devices to a "
+        f"divisor of {leaf.shape[0]}."
+      )
+
+
+def _placer(mesh: Any) -> Callable[[Any], Any]:
+  """Puts a ``(params, state, diagnostics)`` carry on the mesh: replicated, sharded leaves kept."""
+  if mesh is None:
+    return lambda carry: carry
+  return lambda carry: sharding.place_state(carry, mesh)
+
+
+def _agree_run_dir(run_dir: str | None) -> str | None:
+  """In a multi-process run every process uses process 0's run directory."""
+  if jax.process_count() == 1:
+    return run_dir
+  from jax.experimental import multihost_utils
+
+  raw = np.zeros(4096, np.uint8)
+  if jax.process_index() == 0 and run_dir is not None:
+    data = run_dir.encode()
+    raw[: len(data)] = np.frombuffer(data, np.uint8)
+  raw = np.asarray(multihost_utils.broadcast_one_to_all(raw))
+  return bytes(raw[raw != 0]).decode() or None
 
 
 def _is_key(leaf: Any) -> bool:
@@ -155,7 +220,13 @@ def run_experiment(
   """
   exp = cfg.experiment
   dtype = _set_precision(exp.precision)
+  mesh = make_mesh(exp.mesh)
+  main_process = jax.process_index() == 0
   task = task_entry.build(cfg.task, dtype)
+  if mesh is not None:
+    task.mesh, task.data_axis = mesh, exp.mesh.data_axis
+    _check_batch_splits(task)
+    task.train_data = sharding.replicate(task.train_data, mesh)
   methods = [
     opt_lib.build_method(opt, task, f"optimizers[{i}]") for i, opt in enumerate(cfg.optimizers)
   ]
@@ -169,10 +240,11 @@ def run_experiment(
       f"config key 'metric': invalid value {metric!r}; this task reports {eval_keys}."
     )
 
-  if run_dir is None:
+  if run_dir is None and main_process:
     run_dir = new_run_dir(exp.output_dir, exp.name)
+  run_dir = _agree_run_dir(run_dir)
   os.makedirs(run_dir, exist_ok=True)
-  if not resume:
+  if not resume and main_process:
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
       f.write(cfg.to_yaml())
   log = records.MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
@@ -187,7 +259,7 @@ def run_experiment(
     )
     for o, _, s in runs
   }
-  if resume:
+  if resume and main_process:
     # Keep only what the checkpoints cover: later records are recomputed identically.
     latest = {k: c.latest_step() for k, c in ckpts.items()}
     log.keep(
@@ -200,7 +272,10 @@ def run_experiment(
   evaluate = jax.jit(task.evaluate)
   compiled: dict[str, Any] = {}  # label -> compiled training loop, shared by the seeds
   kill_after = int(os.environ.get(_KILL_ENV, "0") or 0)
-  progress = _progress(exp.progress, sum(_Budget(exp, o).steps for o, _, _ in runs))
+  place = _placer(mesh)
+  progress = _progress(
+    exp.progress and main_process, sum(_Budget(exp, o).steps for o, _, _ in runs)
+  )
   num_evals = 0
   try:
     for opt, method, seed in runs:
@@ -210,6 +285,9 @@ def run_experiment(
       def log_eval(params, step, wall, diagnostics, opt=opt, method=method, seed=seed, **extra):
         nonlocal num_evals
         values = jax.device_get(evaluate(params))
+        num_evals += 1
+        if not main_process:  # every process evaluates (one SPMD program); one writes
+          return
         rec = {"optimizer": label_of(opt), "seed": seed, "step": int(step), "wall_time": wall}
         rec.update(extra)
         rec.update({k: records.to_python(v) for k, v in values.items() if np.ndim(v) == 0})
@@ -221,20 +299,21 @@ def run_experiment(
         rec.update({k: records.to_python(v) for k, v in jax.device_get(diagnostics).items()})
         rec.update(method.host_metrics(step))
         log.append(rec)
-        num_evals += 1
         if kill_after and num_evals >= kill_after:
           os.kill(os.getpid(), 9)
         if _INTERRUPT_AFTER_EVALS and num_evals >= _INTERRUPT_AFTER_EVALS:
           raise KeyboardInterrupt
 
       run = _run_external if method.external is not None else _run_compiled
-      run(task, method, seed, _Budget(exp, opt), compiled, ck, log_eval, progress, label)
+      run(task, method, seed, _Budget(exp, opt), compiled, ck, log_eval, progress, label, place)
   finally:
     if progress is not None:
       progress.close()
     for c in ckpts.values():
       c.close()
 
+  if not main_process:
+    return RunResult(run_dir=run_dir, records=[], summary="")
   recs = log.read()
   extra = [m for m in task.summary_metrics if m != metric]
   extra += [m for m in ("epsilon", "compile_time") if any(m in r for r in recs)]
@@ -249,7 +328,9 @@ def run_experiment(
     f"## {exp.name}\n\ntask: {cfg.task.name} · precision: {exp.precision.value} · "
     f"seeds: {list(exp.seeds)} · budget: {exp.budget.steps} steps"
     + (f" / {exp.budget.seconds:g} s" if exp.budget.seconds else "")
-    + f" · device: {jax.devices()[0].device_kind}\n\n"
+    + f" · device: {jax.devices()[0].device_kind}"
+    + (f" · mesh: {dict(mesh.shape)}" if mesh is not None else "")
+    + "\n\n"
   )
   which = "highest" if task.higher_is_better else "lowest"
   footer = f"\n{which} final {metric}: **{best}**\n" if best else ""
@@ -295,16 +376,20 @@ def _keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   return init_key, data_key, opt_key
 
 
-def _run_compiled(task, method, seed, budget, cache, ck, log_eval, progress, label) -> None:
+def _run_compiled(
+  task, method, seed, budget, cache, ck, log_eval, progress, label, place=lambda c: c
+) -> None:
   steps, every = budget.steps, budget.every
   init_key, data_key, opt_key = _keys(seed)
-  params = task.init_params(init_key)
+  params = place(task.init_params(init_key))
   state = method.init(params, opt_key)
   diag_like = jax.eval_shape(method.step, params, state, data_key, jnp.int32(0))[2]
   diagnostics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), diag_like)
+  (params, state, diagnostics), data_key = place(((params, state, diagnostics), data_key))
   step, wall = 0, 0.0
-  if ck.latest_step() is not None:
+  if ck.latest_step() is not None:  # restore targets carry the mesh shardings
     (params, state, diagnostics), step, wall, finished = ck.restore((params, state, diagnostics))
+    params, state, diagnostics = place((params, state, diagnostics))
     if progress is not None:
       progress.update(step)
     if finished:
@@ -325,7 +410,10 @@ def _run_compiled(task, method, seed, budget, cache, ck, log_eval, progress, lab
   carry = (params, state, diagnostics)
   if label not in cache:  # compiled once per optimiser: seeds differ only in the arguments
     tic = time.perf_counter()
-    lowered = jax.jit(train).lower(carry, data_key, jnp.int32(0), jnp.int32(1))
+    jit_kwargs = {}
+    if task.mesh is not None:  # outputs placed like inputs, so every call fits the program
+      jit_kwargs["out_shardings"] = jax.tree.map(lambda a: a.sharding, carry)
+    lowered = jax.jit(train, **jit_kwargs).lower(carry, data_key, jnp.int32(0), jnp.int32(1))
     cache[label] = (lowered.compile(), time.perf_counter() - tic)
   compiled, compile_time = cache[label]
   last_save = time.perf_counter()
@@ -347,7 +435,9 @@ def _run_compiled(task, method, seed, budget, cache, ck, log_eval, progress, lab
     progress.update(steps - step)
 
 
-def _run_external(task, method, seed, budget, cache, ck, log_eval, progress, label) -> None:
+def _run_external(
+  task, method, seed, budget, cache, ck, log_eval, progress, label, place=lambda c: c
+) -> None:
   """Host-side baselines (scipy): rerun from the start unless a finished checkpoint exists."""
   steps, every = budget.steps, budget.every
   init_key, _, _ = _keys(seed)

@@ -13,7 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from curvopt import sharding
 from curvopt.experiment.config import ConfigError
 
 Params = Any
@@ -31,6 +33,9 @@ class Task:
     train_data: dict of arrays with a leading example axis (used by mini-batching and DP-SGD).
     batch_size: mini-batch size; ``None`` for full batch.
     summary_metrics: further :meth:`evaluate` (or host) metrics shown in the summary table.
+    mesh: the data-parallel device mesh (set by the runner from the config's ``mesh:``
+      section); ``None`` on one device.
+    data_axis: the mesh axis the batch is split over.
   """
 
   metric: str = "test_loss"
@@ -39,6 +44,8 @@ class Task:
   variants: tuple[str, ...] = ()
   train_data: Batch = {}
   batch_size: int | None = None
+  mesh: Mesh | None = None
+  data_axis: str = "data"
 
   def __init__(self, cfg: Any, dtype: Any):
     self.cfg = cfg
@@ -71,6 +78,29 @@ class Task:
     n = self.num_train()
     idx = jax.random.permutation(jax.random.fold_in(data_key, step), n)[: self.batch_size]
     return jax.tree.map(lambda a: a[idx], self.train_data)
+
+  def data_devices(self) -> int:
+    """Number of devices the batch is split over (1 without a mesh)."""
+    return 1 if self.mesh is None else int(self.mesh.shape[self.data_axis])
+
+  def constrain_batch(self, batch: Any) -> Any:
+    """Inside the compiled step: split each batch leaf's leading axis over the mesh.
+
+    A ``jax.lax.with_sharding_constraint`` to ``NamedSharding(mesh, P(data_axis))`` on every
+    leaf with a leading axis (scalars stay replicated), so the per-example work of the step
+    runs where its examples live and XLA all-reduces the batch sums; the identity without a
+    mesh.
+    """
+    if self.mesh is None:
+      return batch
+    spec = sharding.batch_sharding(self.mesh, self.data_axis)
+    return jax.tree.map(
+      lambda a: jax.lax.with_sharding_constraint(a, spec) if jnp.ndim(a) else a, batch
+    )
+
+  def step_batch(self, data_key: jax.Array, step: jax.Array) -> Batch:
+    """:meth:`batch`, split over the data-parallel mesh (what the optimisers' steps call)."""
+    return self.constrain_batch(self.batch(data_key, step))
 
   def newton_cg_args(self, variant: str | None, curvature: str) -> dict[str, Any]:
     """Keyword arguments for :func:`curvopt.newton_cg.newton_cg` (``model_fn``/``loss_fn``)."""
