@@ -1,7 +1,10 @@
 """Runs an optimiser comparison: ``python experiments/run.py configs/NAME.yaml [key=value ...]``.
 
 ``--resume RUN_DIR`` continues an interrupted run from its checkpoints. Each task family is a
-module in this folder, imported only when a config names it.
+module in this folder, imported only when a config names it. A config's ``mesh:`` section
+(``num_devices``, ``data_axis``, ``distributed``) runs it data-parallel over several devices or
+hosts, e.g. ``python experiments/run.py configs/mlp_digits.yaml mesh.num_devices=4`` (batches
+of 256 split over 4 devices) or ``configs/quickstart_sharded.yaml`` (every device).
 """
 
 import importlib

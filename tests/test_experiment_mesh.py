@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -161,10 +162,10 @@ def _sharded_main(out_dir):
     json.dump(facts, f)
 
 
-def _subprocess_env():
+def _subprocess_env(num_devices=NUM_DEVICES):
   env = dict(os.environ)
   env["XLA_FLAGS"] = (
-    env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={NUM_DEVICES}"
+    env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_devices}"
   ).strip()
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -254,6 +255,45 @@ def test_bad_mesh_rejected_before_any_work(sharded, tag, hint):
   assert error["status"] == 2
   assert "config key 'mesh.num_devices'" in error["stderr"] and hint in error["stderr"]
   assert not error["wrote"]  # rejected before the run directory was made
+
+
+@pytest.mark.slow
+def test_two_processes_equal_single_device(sharded, tmp_path):
+  """``mesh.distributed``: 2 CPU processes x 2 devices run the launcher as one 4-device job."""
+  path = tmp_path / "mesh.yaml"
+  with open(path, "w") as f:
+    yaml.safe_dump(CONFIG, f)
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  out = tmp_path / "out"
+  procs = []
+  for i in range(2):
+    env = _subprocess_env(2) | {
+      "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+      "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+      "JAX_NUM_PROCESSES": "2",
+      "JAX_PROCESS_ID": str(i),
+    }
+    args = ["mesh.distributed=true", "mesh.num_devices=null", f"output_dir={out}"]
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, RUN_PY, str(path), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+    )
+  outputs = [proc.communicate(timeout=300) for proc in procs]
+  for proc, (_, err) in zip(procs, outputs, strict=True):
+    assert proc.returncode == 0, err[-4000:]
+  assert f"mesh: {{'data': {NUM_DEVICES}}}" in outputs[0][0]
+  assert "run directory" not in outputs[1][0]  # only process 0 reports and writes
+  (stamp,) = os.listdir(out / CONFIG["name"])  # one run directory for both processes
+  _assert_same_metrics(
+    _records(out / CONFIG["name"] / stamp), _records(sharded["runs"]["single"]["dir"])
+  )
 
 
 # ------------------------------------------------------- validation in this (1-device) process

@@ -42,8 +42,9 @@ class MeshConfig:
   exactly as without a mesh; ``null`` uses every device (of every host). The parameters,
   optimiser state and stored data are replicated; XLA inserts the batch reductions.
   ``distributed: true`` calls ``jax.distributed.initialize()`` first (one process per host,
-  its coordinator found from the environment, e.g. SLURM or the ``JAX_COORDINATOR_ADDRESS``,
-  ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` variables); then only process 0 writes outputs.
+  all with the same config; JAX finds the processes under SLURM, Open MPI, Kubernetes or on
+  TPU pods, elsewhere set ``JAX_COORDINATOR_ADDRESS=host:port``, ``JAX_NUM_PROCESSES`` and
+  ``JAX_PROCESS_ID`` in each process's environment); then only process 0 writes outputs.
   """
 
   num_devices: int | None = 1

@@ -81,7 +81,10 @@ def make_mesh(mesh_cfg: config_lib.MeshConfig) -> Any:
   use of JAX's backends). Errors name the config key.
   """
   if mesh_cfg.distributed and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+    # JAX reads JAX_COORDINATOR_ADDRESS itself and detects SLURM, Open MPI, Kubernetes and
+    # TPU pods; elsewhere the process count and id come from these two variables.
+    env = {k: os.environ.get(f"JAX_{k.upper()}") for k in ("num_processes", "process_id")}
+    jax.distributed.initialize(**{k: int(v) for k, v in env.items() if v})
   available = jax.device_count()
   n = available if mesh_cfg.num_devices is None else mesh_cfg.num_devices
   if n > available:
@@ -121,7 +124,14 @@ def _placer(mesh: Any) -> Callable[[Any], Any]:
   """Puts a ``(params, state, diagnostics)`` carry on the mesh: replicated, sharded leaves kept."""
   if mesh is None:
     return lambda carry: carry
-  return lambda carry: sharding.place_state(carry, mesh)
+
+  def place(carry):
+    # PRNG keys travel as their uint32 data: a multi-process run places plain arrays only.
+    like = carry
+    carry = sharding.place_state(jax.tree.map(_key_data, carry), mesh)
+    return jax.tree.map(_unkey, carry, like)
+
+  return place
 
 
 def _agree_run_dir(run_dir: str | None) -> str | None:
