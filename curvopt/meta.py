@@ -176,12 +176,17 @@ def maml_loss(
     support Hessian at :math:`\phi^\star`, solved with ``cg_steps`` conjugate-gradient
     iterations on Hessian-vector products (:func:`jax.custom_vjp`: only :math:`\phi^\star`
     is stored, so memory is flat in ``inner_steps``). The formula is exact at the minimiser:
-    use enough inner steps to reach it; CG assumes :math:`I + H/\lambda` positive definite
-    (:math:`H \succ -\lambda I`). The support data, and traced values that ``loss_fn``
-    closes over (found with :func:`jax.closure_convert`), receive their implicit cotangents
-    too; the inner optimiser's hyper-parameters get zero (the minimiser does not depend on
-    them) and ``proximal_lambda`` is a constant. With the default and first-order modes,
-    everything, ``inner_lr`` included, is differentiated by ordinary autodiff (Meta-SGD).
+    use enough inner steps to reach it and check ``MamlAux.inner_grad_norm`` (``has_aux``).
+    Away from it the result is not the meta-gradient: fixed-step SGD diverges when
+    ``inner_lr`` exceeds :math:`2/(\lambda_{\max}(H) + \lambda)`, and with a small
+    :math:`\lambda` the minimiser lies far from :math:`\theta`; an inner optimiser with a
+    line search (``optax.lbfgs()``) adapts to the curvature. CG assumes
+    :math:`I + H/\lambda` positive definite (:math:`H \succ -\lambda I`). The support data,
+    and traced values that ``loss_fn`` closes over (found with :func:`jax.closure_convert`),
+    receive their implicit cotangents too; the inner optimiser's hyper-parameters get zero
+    (the minimiser does not depend on them) and ``proximal_lambda`` is a constant. With the
+    default and first-order modes, everything, ``inner_lr`` included, is differentiated by
+    ordinary autodiff (Meta-SGD).
 
   Args:
     loss_fn: ``(params, batch) -> scalar`` task loss.
