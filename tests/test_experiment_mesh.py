@@ -248,7 +248,13 @@ def test_batch_is_split_and_reduced_params_replicated(sharded):
 
 @pytest.mark.parametrize(
   "tag, hint",
-  [("too_many", "4 available"), ("indivisible", "62 examples, not a multiple of the 4 devices")],
+  [
+    ("too_many", "4 available"),
+    (
+      "indivisible",
+      "62 examples, not a multiple of the 4 devices; set task.batch_size to a multiple of 4",
+    ),
+  ],
 )
 def test_bad_mesh_rejected_before_any_work(sharded, tag, hint):
   error = sharded["errors"][tag]

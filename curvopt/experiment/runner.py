@@ -8,6 +8,7 @@ checkpoint left it and ends with the same metrics as an uninterrupted run.
 """
 
 import collections
+import dataclasses
 import datetime
 import os
 import re
@@ -111,12 +112,18 @@ def _check_batch_splits(task: Any) -> None:
     return
   shapes = jax.eval_shape(task.batch, jax.random.key(0), jnp.int32(0))
   for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
-    if leaf.ndim and leaf.shape[0] % d:
+    size = leaf.shape[0] if leaf.ndim else d
+    if size % d:
+      keys = [
+        f"task.{f.name}"
+        for f in dataclasses.fields(task.cfg)
+        if type(getattr(task.cfg, f.name)) is int and getattr(task.cfg, f.name) == size
+      ]
+      what = " or ".join(keys) or "task.batch_size (the whole training set is the batch now)"
       raise ConfigError(
         f"config key 'mesh.num_devices': the task's batch{jax.tree_util.keystr(path)} has "
-        f"{leaf.shape[0]} examples, not a multiple of the {d} devices; set task.batch_size "
-        f"(or the task's training-set size) to a multiple of {d}, or mesh.num_devices to a "
-        f"divisor of {leaf.shape[0]}."
+        f"{size} examples, not a multiple of the {d} devices; set {what} to a multiple of "
+        f"{d}, or mesh.num_devices to a divisor of {size}."
       )
 
 
