@@ -9,6 +9,7 @@ from curvopt.experiment.config import (
   Config,
   ConfigError,
   ExperimentConfig,
+  MeshConfig,
   Precision,
   load_config,
 )
@@ -22,6 +23,7 @@ __all__ = [
   "Config",
   "ConfigError",
   "ExperimentConfig",
+  "MeshConfig",
   "Method",
   "Precision",
   "RunResult",
