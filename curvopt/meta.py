@@ -64,13 +64,16 @@ def _inner_loop(
 ) -> Params:
   """Runs ``inner_steps`` optimiser steps on ``objective`` from ``params`` in one ``lax.scan``."""
   extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
+  # Line searches (optax.lbfgs's zoom) evaluate trial points at float64 step sizes under
+  # jax_enable_x64: cast them back to the parameters' dtypes.
+  value_fn = lambda p: objective(jax.tree.map(lambda a, r: a.astype(r.dtype), p, params))
 
   def step(carry, _):
     phi, opt_state = carry
     value, grad = jax.value_and_grad(objective)(phi)
     if extra_args:
       updates, opt_state = optimizer.update(
-        grad, opt_state, phi, value=value, grad=grad, value_fn=objective
+        grad, opt_state, phi, value=value, grad=grad, value_fn=value_fn
       )
     else:
       updates, opt_state = optimizer.update(grad, opt_state, phi)

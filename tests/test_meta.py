@@ -229,6 +229,29 @@ def test_imaml_lbfgs_inner_solver_matches_dense_gradient_where_unstable_sgd_does
   assert not np.allclose(grad, want, rtol=1e-2)
 
 
+def test_imaml_lbfgs_keeps_float32_params_under_x64():
+  # optax.lbfgs's line search tries float64 points (x64 on): the loss still sees float32.
+  rng = np.random.default_rng(11)
+  params = _mlp_params(rng, dtype=jnp.float32)
+  support, query = (
+    _regression_task(rng, dtype=jnp.float32),
+    _regression_task(rng, dtype=jnp.float32),
+  )
+  seen = set()
+
+  def loss_fn(p, batch):
+    seen.update(str(leaf.dtype) for leaf in jax.tree.leaves(p))
+    return _mlp_loss(p, batch)
+
+  meta_loss = maml_loss(
+    loss_fn, inner_optimizer=optax.lbfgs(), inner_steps=5, implicit=True, proximal_lambda=1.0
+  )
+  grads = jax.jit(jax.grad(meta_loss))(params, support, query)
+  assert seen == {"float32"}
+  assert {str(g.dtype) for g in jax.tree.leaves(grads)} == {"float32"}
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
 def test_imaml_support_gradient_matches_unrolled_converged_loop():
   # Through a converged contraction, the unrolled derivative tends to the implicit one.
   rng = np.random.default_rng(5)
