@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import median_seconds, print_table  # noqa: E402
+from _timing import interleaved_median_seconds, median_seconds, print_table  # noqa: E402
 
 import curvopt  # noqa: E402
 
@@ -78,23 +78,17 @@ def bench_products(repeats):
   # Linearised matvecs: the linearisation runs once, outside the timed call, as inside CG.
   hvp_lin = jax.jit(curvopt.hvp_fn(f, params))
   ggn_lin = jax.jit(curvopt.ggn_fn(model_fn, loss_fn, params))
-  raw = {
-    "jvp(grad(f))": median_seconds(lambda: raw_fwd_rev(params, v), repeats=repeats),
-    "jvp + jvp(grad) + vjp": median_seconds(lambda: jax.jit(raw_ggn)(params, v), repeats=repeats),
-  }
-  t_grad = median_seconds(candidates["gradient (jax.grad)"][0], repeats=repeats)
+  raw_ggn_jit = jax.jit(raw_ggn)
+  fns = {name: fn for name, (fn, _) in candidates.items()}
+  fns["jvp(grad(f))"] = lambda: raw_fwd_rev(params, v)
+  fns["jvp + jvp(grad) + vjp"] = lambda: raw_ggn_jit(params, v)
+  times = interleaved_median_seconds(fns, repeats=repeats)
+  t_grad = times["gradient (jax.grad)"]
   rows = []
-  for name, (fn, reference) in candidates.items():
-    t = median_seconds(fn, repeats=repeats)
-    rows.append(
-      [
-        name,
-        t * 1e3,
-        t / t_grad,
-        f"{t / raw[reference]:.3f}" if reference else "-",
-        reference or "-",
-      ]
-    )
+  for name, (_, reference) in candidates.items():
+    t = times[name]
+    ratio_raw = f"{t / times[reference]:.3f}" if reference else "-"
+    rows.append([name, t * 1e3, t / t_grad, ratio_raw, reference or "-"])
   print_table(
     "Curvature products, MLP 784-256-256-10, batch 256, float32",
     ["product", "ms", "x gradient", "x raw JAX", "raw JAX composition"],
@@ -110,12 +104,13 @@ def bench_jacobian_modes(repeats):
     b = jax.random.normal(k2, (n_out,))
     x = jax.random.normal(k3, (n_in,))
     predict = lambda x, w=w, b=b: jnp.tanh(w @ x + b)
-    times = {
-      mode: median_seconds(
-        functools.partial(jax.jit(curvopt.jacobian(predict, mode=mode)), x), repeats=repeats
-      )
-      for mode in ("auto", "fwd", "rev")
-    }
+    times = interleaved_median_seconds(
+      {
+        mode: functools.partial(jax.jit(curvopt.jacobian(predict, mode=mode)), x)
+        for mode in ("auto", "fwd", "rev")
+      },
+      repeats=10 * repeats,  # sub-millisecond calls: many rounds for steady medians
+    )
     best = min(times["fwd"], times["rev"])
     rows.append(
       [
@@ -142,8 +137,10 @@ def bench_gram(repeats):
   x1, x2 = jax.random.normal(k2, (n,)), jax.random.normal(k3, (n,))
   ours = jax.jit(lambda a, b: curvopt.jacobian_gram(f, a, b))
   both_rev = jax.jit(lambda a, b: jax.jacrev(f)(a) @ jax.jacrev(f)(b).T)
-  t_ours = median_seconds(lambda: ours(x1, x2), repeats=repeats)
-  t_rev = median_seconds(lambda: both_rev(x1, x2), repeats=repeats)
+  times = interleaved_median_seconds(
+    {"ours": lambda: ours(x1, x2), "rev": lambda: both_rev(x1, x2)}, repeats=repeats
+  )
+  t_ours, t_rev = times["ours"], times["rev"]
   print_table(
     "jacobian_gram, f: R^10000 -> R^5",
     ["method", "ms", "x jacobian_gram"],
