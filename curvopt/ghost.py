@@ -21,7 +21,7 @@ forward pass and one backward pass through the activations (no parameter gradien
 computes the per-example squared norms, asks the caller for per-example weights, and forms
 :math:`\sum_i w_i x_i^\top \delta_i` as one weight-gradient contraction per layer. The total is
 an ordinary gradient plus the norms: about 1.1-1.3x a plain gradient for an MLP on CPU; for
-convolutions the per-example products are small batched matrix products, about 1.3-2x.
+convolutions the per-example products are batched products on unfolded patches, about 1.5x.
 
 Memory: with global clipping every layer's weight depends on every layer's norm, so all
 :math:`\delta` are alive at once (a plain backward pass frees each after its layer), about
@@ -282,17 +282,37 @@ def _size(shape):
   return out
 
 
+# Largest unfolded-patch tensor (bytes) formed at once, and the fewest examples worth unfolding
+# together; below that, the norms go one kernel offset at a time.
+_UNFOLD_BYTES = 1 << 18
+_MIN_UNFOLD_CHUNK = 8
+
+
+def _unfold_chunk(batch_size, bytes_per_example):
+  """Largest divisor of ``batch_size`` whose patches fit in ``_UNFOLD_BYTES``, or 0."""
+  most = min(batch_size, _UNFOLD_BYTES // max(bytes_per_example, 1))
+  chunk = next(c for c in range(max(most, 1), 0, -1) if batch_size % c == 0)
+  return chunk if chunk >= min(_MIN_UNFOLD_CHUNK, batch_size) else 0
+
+
 def _conv_sq_norm(site, data, delta):
-  r"""Kernel of a convolution: the dense identity on input patches, one kernel offset at a time.
+  r"""Kernel of a convolution: the dense identity on input patches.
 
   The entries of all patches at kernel offset :math:`o` form one strided slice :math:`X_o`
   (output positions x input channels) of the padded, dilated input, so with output cotangents
   :math:`\Delta` (positions x output channels) the example's squared norm is
   :math:`\sum_o \|X_o^\top \Delta\|^2` (direct, :math:`N K P`) or
   :math:`\langle \sum_o X_o X_o^\top, \Delta \Delta^\top \rangle` (Gram,
-  :math:`N^2 (K + P)`), whichever is cheaper. A ``fori_loop`` over offsets keeps one slice alive:
-  unfolding every patch at once, or per-example kernel gradients by a grouped convolution,
-  measured 2x slower (and the former 2x the memory) on CPU.
+  :math:`N^2 (K + P)`), whichever is cheaper. The slices are concatenated into patches
+  :math:`(N, K)` for a chunk of examples at a time (at most ``_UNFOLD_BYTES``, ``lax.map`` over
+  chunks) and contracted in one batched product: on CPU, XLA's batched product is about 2.5x
+  faster once :math:`K`-wide than as one :math:`C_{in}`-wide product per offset, and the chunk
+  bound keeps the memory at that of the offset loop (measured on the benchmark CNN: norms about 2x
+  faster, ghost step 1.9x -> 1.5x a plain gradient, peak memory unchanged at 1.5x). Where even
+  ``_MIN_UNFOLD_CHUNK`` examples' patches would exceed the bound, a ``fori_loop`` over offsets
+  keeps one slice alive instead. Unfolding with ``conv_general_dilated_patches`` (a convolution
+  with an identity kernel) or per-example kernel gradients by a grouped convolution measured
+  slower still.
   """
   params = site.eqn.params
   dn = params["dimension_numbers"]
@@ -317,9 +337,30 @@ def _conv_sq_norm(site, data, delta):
     for (lo, hi), dil in zip(params["padding"], params["lhs_dilation"], strict=True)
   ]
   x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (0, 0, 0), *pads, (0, 0, 0)])
-  offsets = jnp.array(list(itertools.product(*(range(s) for s in filter_shape))), jnp.int32)
-  offsets = offsets * jnp.array(params["rhs_dilation"], jnp.int32)
+  offsets = [
+    [o * dil for o, dil in zip(offset, params["rhs_dilation"], strict=True)]
+    for offset in itertools.product(*(range(s) for s in filter_shape))
+  ]
   window = [(m - 1) * s + 1 for m, s in zip(out_spatial, strides, strict=True)]
+  out_dtype = jnp.result_type(x, d)
+  chunk = _unfold_chunk(b, n * len(offsets) * c_in * x.dtype.itemsize)
+  if chunk:
+    # Unfold the patches, (chunk, N, K), a chunk of examples at a time (bounded memory): XLA's
+    # CPU batched product is much faster once K-wide than len(offsets) times C_in-wide.
+    def chunk_sq_norm(xd):
+      x_c, d_c = xd
+      x_p = jnp.concatenate([_offset_slice(x_c, o, window, strides, n) for o in offsets], -1)
+      if gram:
+        gram_x = jnp.einsum("bnk,bmk->bnm", x_p, x_p)
+        return jnp.sum(gram_x * jnp.einsum("bnp,bmp->bnm", d_c, d_c), axis=(1, 2))
+      return jnp.sum(jnp.square(jnp.einsum("bnp,bnk->bpk", d_c, x_p)), axis=(1, 2))
+
+    if chunk == b:
+      return chunk_sq_norm((x, d))
+    xd = (x.reshape(b // chunk, chunk, *x.shape[1:]), d.reshape(b // chunk, chunk, *d.shape[1:]))
+    return lax.map(chunk_sq_norm, xd).reshape(b)
+
+  offsets = jnp.array(offsets, jnp.int32)
   zero = jnp.zeros((), jnp.int32)
 
   def body(i, acc):
@@ -328,13 +369,26 @@ def _conv_sq_norm(site, data, delta):
     x_o = lax.slice(x_o, [0] * x.ndim, x_o.shape, [1, 1, *strides, 1]).reshape(b, n, c_in)
     if gram:
       return acc + jnp.einsum("bnc,bmc->bnm", x_o, x_o)
-    return acc + jnp.sum(jnp.square(jnp.einsum("bnc,bnp->bcp", x_o, d)), axis=(1, 2))
+    return acc + jnp.sum(jnp.square(jnp.einsum("bnp,bnc->bpc", d, x_o)), axis=(1, 2))
 
-  init = jnp.zeros((b, n, n) if gram else (b,), jnp.result_type(x, d))
+  init = jnp.zeros((b, n, n) if gram else (b,), out_dtype)
   acc = lax.fori_loop(0, offsets.shape[0], body, init)
   if gram:
     return jnp.sum(acc * jnp.einsum("bnp,bmp->bnm", d, d), axis=(1, 2))
   return acc
+
+
+def _offset_slice(x, offset, window, strides, n):
+  """The input entries at one kernel offset of every patch, as ``(B, N, C_in)``."""
+  start = [0, 0, *offset, 0]
+  limit = [
+    x.shape[0],
+    x.shape[1],
+    *(o + w for o, w in zip(offset, window, strict=True)),
+    x.shape[-1],
+  ]
+  x_o = lax.slice(x, start, limit, [1, 1, *strides, 1])
+  return x_o.reshape(x.shape[0], n, x.shape[-1])
 
 
 def _gather_sq_norm(site, data, delta, leaf):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from curvopt import ghost
 from curvopt.ghost import ghost_clipped_sum
 
 RTOL = 1e-4
@@ -240,9 +241,19 @@ def test_plain_jnp_parameters_on_either_side_and_batched_heads():
   _check(loss_fn, params, x, rtol=1e-9)
 
 
+@pytest.mark.parametrize("unfold", ["whole batch", "chunks", "one offset at a time"])
 @pytest.mark.parametrize("channels", [1, 8])
-def test_plain_lax_convolutions_strided_dilated_nchw(channels):
-  """Padding, strides, input and kernel dilation, NCHW layout; 8 channels take the Gram rule."""
+def test_plain_lax_convolutions_strided_dilated_nchw(channels, unfold, monkeypatch):
+  """Padding, strides, input and kernel dilation, NCHW layout; 8 channels take the Gram rule.
+
+  Each conv norm rule runs: patches of the whole batch, patches a chunk of examples at a time
+  (``lax.map``) and the ``fori_loop`` over kernel offsets.
+  """
+  if unfold == "chunks":
+    monkeypatch.setattr(ghost, "_UNFOLD_BYTES", 1)
+    monkeypatch.setattr(ghost, "_MIN_UNFOLD_CHUNK", 1)
+  elif unfold == "one offset at a time":
+    monkeypatch.setattr(ghost, "_UNFOLD_BYTES", 0)
   k = jax.random.split(jax.random.key(12), 3)
   params = {
     "k1": jax.random.normal(k[0], (channels, 2, 3, 3), jnp.float64),  # OIHW
