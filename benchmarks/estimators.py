@@ -26,13 +26,13 @@ import numpy as np
 import optax
 from sklearn.datasets import load_digits
 
-from curvopt.estimators import (
+from curvopt.curvature.estimators import (
   hutchinson_trace,
   hutchpp_trace,
   spectral_density,
   top_eigenvalues,
 )
-from curvopt.products import hvp_fn
+from curvopt.curvature.products import hvp_fn
 
 
 def train_mlp(steps: int, seed: int = 0):

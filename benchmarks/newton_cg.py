@@ -31,7 +31,7 @@ import scipy.optimize  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
-from curvopt.newton_cg import newton_cg, value_fn_from_model  # noqa: E402
+from curvopt.optimizers.newton_cg import newton_cg, value_fn_from_model  # noqa: E402
 
 
 def _median_time(fn, repeats):

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import median_seconds, print_table  # noqa: E402
 
-from curvopt.per_example import clipped_grad  # noqa: E402
+from curvopt import clipped_grad  # noqa: E402
 
 CLIP = 1.0
 

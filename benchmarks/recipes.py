@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvopt.implicit import fixed_point
-from curvopt.meta import maml_loss
-from curvopt.targets import td0_loss
+from curvopt.autodiff.implicit import fixed_point
+from curvopt.recipes.meta import maml_loss
+from curvopt.recipes.targets import td0_loss
 
 
 def _median_time(fn, *args, repeats):

@@ -14,8 +14,8 @@ replicated), and the steps are
 * ``sgd``: one gradient and an SGD update (the reference cost of a data-parallel step);
 * ``newton_cg(ggn)``: :func:`curvopt.newton_cg.newton_cg` with the Gauss-Newton curvature and
   exactly 10 CG iterations (tolerances off), so every device count does the same work;
-* ``dp_sgd(ghost)``: ghost-clipped sum (:func:`curvopt.per_example.clipped_sum_fn`) then
-  :func:`curvopt.per_example.dp_sgd` with noise.
+* ``dp_sgd(ghost)``: ghost-clipped sum (:func:`curvopt.clipped_sum_fn`) then
+  :func:`curvopt.dp_sgd` with noise.
 
 Table 1 gives the median step time per device count and its ratio to one device. Table 2
 counts the collectives in the compiled HLO of one Newton-CG step (``jit(step).lower(...)
@@ -45,9 +45,12 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from _timing import median_seconds, print_table  # noqa: E402
 
-from curvopt import sharding  # noqa: E402
-from curvopt.newton_cg import newton_cg  # noqa: E402
-from curvopt.per_example import clipped_sum_fn, dp_sgd  # noqa: E402
+from curvopt import (  # noqa: E402
+  clipped_sum_fn,
+  dp_sgd,
+  sharding,  # noqa: E402
+)
+from curvopt.optimizers.newton_cg import newton_cg  # noqa: E402
 
 SIZES = (784, 256, 256, 10)
 BATCH = 256

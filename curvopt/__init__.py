@@ -1,21 +1,22 @@
 """curvopt: second-order optimisation and curvature for JAX.
 
-Layers (imports flow downward only):
+The package is layered; imports flow downward only (see ``ARCHITECTURE.md``):
 
-1. autodiff primitives: :mod:`~curvopt.derivatives`, :mod:`~curvopt.products`,
-   :mod:`~curvopt.targets`, :mod:`~curvopt.custom_rules`, :mod:`~curvopt.implicit`,
-   :mod:`~curvopt.meta`;
-2. algorithms on any matvec: :mod:`~curvopt.estimators`, :mod:`~curvopt.solvers`;
-3. optax transformations: :mod:`~curvopt.newton_cg`, :mod:`~curvopt.per_example`
-   (with :mod:`~curvopt.ghost`), :mod:`~curvopt.privacy`, :mod:`~curvopt.sharding`;
-4. the experiment launcher's parts: :mod:`curvopt.experiment` (imported on demand).
+1. :mod:`curvopt.autodiff`: derivatives, custom rules, implicit differentiation;
+2. :mod:`curvopt.curvature`: curvature products and estimators;
+3. :mod:`curvopt.linalg`: solvers for matvec operators (conjugate gradient);
+4. :mod:`curvopt.optimizers`: Newton-CG;
+5. :mod:`curvopt.privacy`: per-example gradients, clipping, ghost clipping, DP-SGD, accounting;
+6. :mod:`curvopt.recipes`: TD targets, MAML;
+7. :mod:`curvopt.experiment`: the launcher's reusable parts (imported on demand).
+
+:mod:`curvopt.sharding` (data-parallel placement helpers) stands beside the layers. Every public
+function is re-exported here as ``curvopt.<name>``; no module is shadowed by a function.
 """
 
-import importlib
-
-from curvopt import estimators, ghost, sharding
-from curvopt.custom_rules import clip_gradient, log1pexp, straight_through
-from curvopt.derivatives import (
+from curvopt import autodiff, curvature, linalg, optimizers, privacy, recipes, sharding
+from curvopt.autodiff.custom_rules import clip_gradient, log1pexp, straight_through
+from curvopt.autodiff.derivatives import (
   batch_hessian,
   batch_jacobian,
   empirical_ntk,
@@ -27,7 +28,9 @@ from curvopt.derivatives import (
   jmp,
   mjp,
 )
-from curvopt.estimators import (
+from curvopt.autodiff.implicit import FixedPointSolution, fixed_point
+from curvopt.curvature import estimators
+from curvopt.curvature.estimators import (
   EigenResult,
   LanczosResult,
   SpectralDensity,
@@ -39,41 +42,37 @@ from curvopt.estimators import (
   spectral_density,
   top_eigenvalues,
 )
-from curvopt.implicit import FixedPointSolution, fixed_point
-from curvopt.meta import MamlAux, maml_loss
-from curvopt.newton_cg import (
+from curvopt.curvature.products import empirical_fisher_fn, ggn_fn, ggn_vp, hvp, hvp_fn
+from curvopt.linalg.cg import CG_STATUSES, CGResult, conjugate_gradient
+from curvopt.optimizers.newton_cg import (
   CurvatureFn,
   NewtonCGState,
   newton_cg,
   scale_by_newton_cg,
   value_fn_from_model,
 )
-from curvopt.per_example import (
+from curvopt.privacy import ghost
+from curvopt.privacy.clipping import (
   ClippedSum,
   ClipPerExampleState,
-  DPSGDState,
   clip_per_example,
   clipped_grad,
   clipped_sum_fn,
-  dp_aggregate,
-  dp_sgd,
-  per_example_grads,
 )
-from curvopt.products import empirical_fisher_fn, ggn_fn, ggn_vp, hvp, hvp_fn
-from curvopt.solvers import CG_STATUSES, CGResult, conjugate_gradient
-from curvopt.targets import lambda_returns, td0_loss, td_target
+from curvopt.privacy.dp_sgd import DPSGDState, dp_aggregate, dp_sgd
+from curvopt.privacy.per_example import per_example_grads
+from curvopt.recipes.meta import MamlAux, maml_loss
+from curvopt.recipes.targets import lambda_returns, td0_loss, td_target
 
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-  # ``curvopt.privacy`` imports dp-accounting (about a second): load it on first use only.
-  if name == "privacy":
-    return importlib.import_module("curvopt.privacy")
-  raise AttributeError(f"module 'curvopt' has no attribute {name!r}")
-
-
 __all__ = [
+  "autodiff",
+  "curvature",
+  "linalg",
+  "optimizers",
+  "recipes",
   "CG_STATUSES",
   "CGResult",
   "ClipPerExampleState",

@@ -4,6 +4,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
@@ -41,3 +42,35 @@ def check_scalar_output(f_name: str, out_shape: Any) -> None:
       f"{f_name} needs a function with one scalar output; it returned shapes {shapes}. "
       "Reduce the output to a scalar (e.g. .sum() or .mean()) first."
     )
+
+
+def batch_size(batch: Any, name: str = "batch") -> int:
+  """The common leading-axis size of ``batch``'s leaves; ``ValueError`` if they disagree."""
+  leaves = jax.tree_util.tree_leaves_with_path(batch)
+  if not leaves:
+    raise ValueError(f"{name} has no array leaves; pass a pytree of arrays with an example axis.")
+  sizes = {}
+  for path, leaf in leaves:
+    shape = jnp.shape(leaf)
+    if len(shape) == 0:
+      raise ValueError(
+        f"{name}{jax.tree_util.keystr(path)} is a scalar; every leaf of {name} needs a leading "
+        "example axis."
+      )
+    sizes[jax.tree_util.keystr(path)] = shape[0]
+  if len(set(sizes.values())) != 1:
+    raise ValueError(
+      f"The leaves of {name} disagree on the leading (example) axis: {sizes}. Every leaf must "
+      "have the same number of examples along axis 0."
+    )
+  return next(iter(sizes.values()))
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+  """``ValueError`` for a concrete negative (or NaN) ``value``; traced values pass."""
+  try:
+    v = float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return
+  if not v >= 0.0:
+    raise ValueError(f"{name} must be >= 0; got {value!r}.")

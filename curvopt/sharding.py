@@ -51,7 +51,7 @@ def data_mesh(
 
   The axis type is ``Auto`` (the partitioner propagates shardings), so functions written for
   one device, such as :func:`curvopt.newton_cg.newton_cg` or
-  :func:`curvopt.per_example.clipped_grad`, run unchanged on it.
+  :func:`curvopt.clipped_grad`, run unchanged on it.
 
   Args:
     num_devices: use the first ``num_devices`` devices (all of them by default; on several

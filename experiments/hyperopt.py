@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from curvopt.autodiff.implicit import fixed_point
 from curvopt.experiment.tasks import Task, as_dtype
-from curvopt.implicit import fixed_point
 
 
 @dataclass

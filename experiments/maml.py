@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from curvopt.experiment.tasks import Task, dense_init, mlp_apply
-from curvopt.meta import maml_loss
+from curvopt.recipes.meta import maml_loss
 
 
 @dataclass

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from classification import Classification, Model
 
-from curvopt import estimators, products
+from curvopt.curvature import estimators, products
 
 
 @dataclass

@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvopt import products
+from curvopt.curvature import products
 from curvopt.experiment.tasks import Task, as_dtype, dense_init, mlp_apply
-from curvopt.targets import td0_loss
+from curvopt.recipes.targets import td0_loss
 
 
 @dataclass

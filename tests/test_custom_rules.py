@@ -7,7 +7,7 @@ import pytest
 import scipy.special
 from jax.test_util import check_grads
 
-from curvopt.custom_rules import clip_gradient, log1pexp, straight_through
+from curvopt.autodiff.custom_rules import clip_gradient, log1pexp, straight_through
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from curvopt.derivatives import (
+from curvopt.autodiff.derivatives import (
   batch_hessian,
   batch_jacobian,
   empirical_ntk,

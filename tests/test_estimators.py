@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from curvopt.estimators import (
+from curvopt.curvature.estimators import (
   hutchinson_diagonal,
   hutchinson_trace,
   hutchpp_trace,
@@ -18,7 +18,7 @@ from curvopt.estimators import (
   spectral_density,
   top_eigenvalues,
 )
-from curvopt.products import hvp_fn
+from curvopt.curvature.products import hvp_fn
 
 NUM_SIGMA = 4.0  # tolerance, in standard deviations, of every statistical check
 

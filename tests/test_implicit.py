@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from curvopt.implicit import FixedPointSolution, fixed_point
+from curvopt.autodiff.implicit import FixedPointSolution, fixed_point
 
 
 def _newton_sqrt(a, **kwargs):

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from curvopt.meta import MamlAux, maml_loss
+from curvopt.recipes.meta import MamlAux, maml_loss
 
 
 def _regression_task(rng, n=8, d=4, dtype=jnp.float64):

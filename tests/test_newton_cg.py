@@ -8,8 +8,13 @@ import pytest
 import scipy.optimize
 from jax.flatten_util import ravel_pytree
 
-from curvopt.newton_cg import NewtonCGState, newton_cg, scale_by_newton_cg, value_fn_from_model
-from curvopt.products import hvp_fn
+from curvopt.curvature.products import hvp_fn
+from curvopt.optimizers.newton_cg import (
+  NewtonCGState,
+  newton_cg,
+  scale_by_newton_cg,
+  value_fn_from_model,
+)
 
 # ---------------------------------------------------------------------------------- helpers
 

@@ -7,7 +7,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from jax.test_util import check_grads
 
-from curvopt.products import empirical_fisher_fn, ggn_fn, ggn_vp, hvp, hvp_fn
+from curvopt.curvature.products import empirical_fisher_fn, ggn_fn, ggn_vp, hvp, hvp_fn
 
 MODES = ("fwd_rev", "rev_fwd", "rev_rev")
 

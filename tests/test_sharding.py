@@ -20,9 +20,8 @@ import numpy as np
 import optax
 import pytest
 
-from curvopt import sharding
-from curvopt.newton_cg import newton_cg
-from curvopt.per_example import clipped_grad, clipped_sum_fn, dp_sgd, per_example_grads
+from curvopt import clipped_grad, clipped_sum_fn, dp_sgd, per_example_grads, sharding
+from curvopt.optimizers.newton_cg import newton_cg
 
 NUM_DEVICES = 4
 BATCH = 32

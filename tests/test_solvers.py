@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from curvopt.solvers import CG_STATUSES, conjugate_gradient
+from curvopt.linalg.cg import CG_STATUSES, conjugate_gradient
 
 
 def _spd(n, cond, seed, dtype=np.float64):

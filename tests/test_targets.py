@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from curvopt.targets import lambda_returns, td0_loss, td_target
+from curvopt.recipes.targets import lambda_returns, td0_loss, td_target
 
 
 def _linear_value(theta, s):

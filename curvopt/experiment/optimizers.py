@@ -231,7 +231,7 @@ def build_method(cfg: Any, task: Any, path: str) -> Method:
       linesearch=_linesearch(cfg.linesearch, cfg.max_linesearch_steps),
     )
   elif isinstance(cfg, NewtonCGConfig):
-    from curvopt.newton_cg import newton_cg
+    from curvopt.optimizers.newton_cg import newton_cg
 
     extra = task.newton_cg_args(cfg.variant, cfg.curvature.value)
     extra.setdefault("curvature", cfg.curvature.value)
@@ -259,8 +259,7 @@ def build_method(cfg: Any, task: Any, path: str) -> Method:
 
 def _dp_sgd_method(cfg: DPSGDConfig, task: Any, objective: Callable, path: str) -> Method:
   """DP-SGD with Poisson sampling, per-example gradients, and ε reported at each evaluation."""
-  from curvopt import privacy
-  from curvopt.per_example import dp_sgd, per_example_grads
+  from curvopt import dp_sgd, per_example_grads, privacy
 
   n = task.num_train()
   if not 0 < cfg.expected_batch_size <= n:
@@ -309,7 +308,7 @@ def _scipy_method(cfg: ScipyConfig, task: Any, objective: Callable) -> Method:
   import scipy.optimize
   from jax.flatten_util import ravel_pytree
 
-  from curvopt.products import hvp
+  from curvopt.curvature.products import hvp
 
   if task.batch_size is not None:
     raise ConfigError("the scipy baseline needs a full-batch task (task.batch_size: null).")

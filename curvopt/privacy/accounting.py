@@ -9,7 +9,7 @@ established accountant (Rényi DP, Mironov 2017, or privacy-loss distributions, 
 The accounting assumes each example joins each batch independently with probability
 :math:`q` (Poisson sampling), so batches vary in size. :func:`poisson_sample` draws such a
 batch inside ``jit`` as indices padded to a fixed size with an ``is_padding`` mask, which
-:func:`curvopt.per_example.dp_sgd` consumes without recompiling; :func:`padded_batch_size`
+:func:`curvopt.dp_sgd` consumes without recompiling; :func:`padded_batch_size`
 picks that fixed size so that truncation is (almost) never needed.
 """
 
@@ -182,7 +182,7 @@ def poisson_sample(
   The realised size is :math:`\mathrm{Binomial}(N, q)`; the sampled indices (in increasing
   order) fill a fixed ``batch_size`` and the rest is padding, so the batch shape is static
   and ``jit`` compiles once. Gather the data with ``jax.tree.map(lambda x: x[b.indices],
-  data)`` and pass ``is_padding=b.is_padding`` to :func:`curvopt.per_example.dp_sgd`. If more
+  data)`` and pass ``is_padding=b.is_padding`` to :func:`curvopt.dp_sgd`. If more
   than ``batch_size`` examples are sampled, the excess (the highest indices) is dropped and
   counted in ``num_truncated``; the accounting of :func:`epsilon` then no longer applies
   exactly, so choose ``batch_size`` with :func:`padded_batch_size`.

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from curvopt import _ghost_jaxpr
+from curvopt.privacy import _ghost_jaxpr
 
 Params = Any
 Batch = Any
@@ -60,7 +60,7 @@ def ghost_clipped_sum(
   ``batch``, returns, leaf by leaf, :math:`s_i = \|g_i\|^2` and :math:`\sum_i w_i g_i` with
   ``w = weight_fn(s)``, without materialising any :math:`g_i` for dense, convolution,
   embedding and elementwise (bias, scale) parameters. Used by
-  ``curvopt.per_example.clipped_grad(..., method="ghost")``, which supplies the clipping
+  ``curvopt.clipped_grad(..., method="ghost")``, which supplies the clipping
   weights; an example whose weight is 0 contributes exactly 0, even if its values are NaN.
 
   Args:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from curvopt.products import hvp_fn
+from curvopt.curvature.products import hvp_fn
 
 Params = Any
 Batch = Any

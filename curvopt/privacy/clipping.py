@@ -1,4 +1,4 @@
-r"""Per-example gradients, per-example clipping and DP-SGD as optax transformations.
+r"""Per-example clipping: the clipping policy, its methods (``vmap`` and ghost) and optax transform.
 
 DP-SGD (Abadi et al. 2016) bounds each example's influence on an update by clipping its gradient
 :math:`g_i` to norm at most :math:`C`, then adds Gaussian noise to the **sum**:
@@ -46,9 +46,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-Params = Any
-Batch = Any
-LossFn = Callable[[Params, Any], jax.Array]
+from curvopt import _checks
+from curvopt._typing import Batch, LossFn, Params
+from curvopt.privacy.ghost import ghost_clipped_sum
+from curvopt.privacy.per_example import per_example_grads
+
 WeightFn = Callable[[Any], Any]
 Method = Literal["vmap", "ghost"]
 METHODS = ("vmap", "ghost")
@@ -58,38 +60,6 @@ PER_LAYER = (False, True, "uniform", "size")
 
 # ------------------------------------------------------------------------------------------
 # Argument checks.
-
-
-def _batch_size(batch: Batch, name: str = "batch") -> int:
-  """The common leading-axis size of ``batch``'s leaves; ``ValueError`` if they disagree."""
-  leaves = jax.tree_util.tree_leaves_with_path(batch)
-  if not leaves:
-    raise ValueError(f"{name} has no array leaves; pass a pytree of arrays with an example axis.")
-  sizes = {}
-  for path, leaf in leaves:
-    shape = jnp.shape(leaf)
-    if len(shape) == 0:
-      raise ValueError(
-        f"{name}{jax.tree_util.keystr(path)} is a scalar; every leaf of {name} needs a leading "
-        "example axis."
-      )
-    sizes[jax.tree_util.keystr(path)] = shape[0]
-  if len(set(sizes.values())) != 1:
-    raise ValueError(
-      f"The leaves of {name} disagree on the leading (example) axis: {sizes}. Every leaf must "
-      "have the same number of examples along axis 0."
-    )
-  return next(iter(sizes.values()))
-
-
-def _check_nonnegative(name: str, value: Any) -> None:
-  """``ValueError`` for a concrete negative (or NaN) ``value``; traced values pass."""
-  try:
-    v = float(value)
-  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-    return
-  if not v >= 0.0:
-    raise ValueError(f"{name} must be >= 0; got {value!r}.")
 
 
 def _check_is_padding(is_padding: Any, batch_size: int) -> jax.Array:
@@ -103,7 +73,7 @@ def _check_is_padding(is_padding: Any, batch_size: int) -> jax.Array:
   return is_padding
 
 
-def _per_layer_mode(per_layer: PerLayer) -> Literal["global", "uniform", "size"]:
+def per_layer_mode(per_layer: PerLayer) -> Literal["global", "uniform", "size"]:
   if per_layer is False:
     return "global"
   if per_layer is True or per_layer == "uniform":
@@ -111,50 +81,6 @@ def _per_layer_mode(per_layer: PerLayer) -> Literal["global", "uniform", "size"]
   if per_layer == "size":
     return "size"
   raise ValueError(f"Unknown per_layer {per_layer!r}; expected one of {PER_LAYER}.")
-
-
-# ------------------------------------------------------------------------------------------
-# Per-example gradients.
-
-
-def per_example_grads(
-  loss_fn: LossFn, params: Params, batch: Batch, *, chunk_size: int | None = None
-) -> Params:
-  r"""Gradients :math:`g_i = \nabla_\theta \ell(\theta, x_i)` of every example of a batch.
-
-  ``vmap(grad(loss_fn), in_axes=(None, 0))``: each leaf of the result has ``params``' leaf
-  shape with a leading example axis. With ``chunk_size``, the batch is processed ``chunk_size``
-  examples at a time by :func:`jax.lax.map` (a sequential loop over vmapped chunks, the last
-  one possibly smaller), so the intermediate activations stay bounded; the result is the same.
-  Wrap the call in :func:`jax.jit` for speed.
-
-  Args:
-    loss_fn: ``(params, example) -> scalar`` for ONE example (``example`` is ``batch`` without
-      its leading axis).
-    params: any pytree of arrays.
-    batch: pytree of arrays sharing a leading example axis of size ``B``.
-    chunk_size: optional number of examples processed at once.
-
-  Returns:
-    A pytree with ``params``' structure, leaves of shape ``(B, *leaf.shape)``.
-
-  Raises:
-    ValueError: if the leaves of ``batch`` disagree on the leading axis, or ``chunk_size < 1``.
-
-  Examples:
-    For :math:`\ell(w, x) = \tfrac12 (w \cdot x)^2` the gradient is :math:`(w \cdot x)\, x`.
-
-    >>> X = jnp.array([[1.0, 0.0], [1.0, 2.0]])
-    >>> per_example_grads(lambda w, x: 0.5 * (w @ x) ** 2, jnp.ones(2), X).tolist()
-    [[1.0, 0.0], [3.0, 6.0]]
-  """
-  _batch_size(batch)
-  grad_fn = jax.grad(loss_fn)
-  if chunk_size is None:
-    return jax.vmap(grad_fn, in_axes=(None, 0))(params, batch)
-  if int(chunk_size) < 1:
-    raise ValueError(f"chunk_size must be a positive integer or None; got {chunk_size!r}.")
-  return jax.lax.map(lambda x: grad_fn(params, x), batch, batch_size=int(chunk_size))
 
 
 # ------------------------------------------------------------------------------------------
@@ -200,7 +126,7 @@ def _chunked_clipped_sum(
   chunk is weighted and summed on its own. The batch is padded to a multiple of ``chunk_size``
   by repeating its first example, flagged as padding.
   """
-  size = _batch_size(batch)
+  size = _checks.batch_size(batch)
   num_chunks = -(-size // chunk_size)
   extra = num_chunks * chunk_size - size
 
@@ -226,16 +152,7 @@ def _chunked_clipped_sum(
 
 
 def _method_fn(method: Method) -> Callable[..., tuple[Params, Params]]:
-  if method == "vmap":
-    return _vmap_clipped_sum
-  try:
-    from curvopt.ghost import ghost_clipped_sum  # noqa: PLC0415 (lazy: ghost is optional)
-  except ImportError as e:
-    raise NotImplementedError(
-      "method='ghost' needs curvopt.ghost.ghost_clipped_sum, which is not available in this "
-      f"installation ({e}). Use method='vmap'."
-    ) from e
-  return ghost_clipped_sum
+  return _vmap_clipped_sum if method == "vmap" else ghost_clipped_sum
 
 
 # ------------------------------------------------------------------------------------------
@@ -334,10 +251,10 @@ def clipped_sum_fn(
   Returns:
     A function ``(params, batch, is_padding=None) -> ClippedSum``.
   """
-  _check_nonnegative("l2_norm_clip", l2_norm_clip)
+  _checks.check_nonnegative("l2_norm_clip", l2_norm_clip)
   if method not in METHODS:
     raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
-  mode = _per_layer_mode(per_layer)
+  mode = per_layer_mode(per_layer)
   if chunk_size is not None:
     if method != "vmap":
       raise ValueError(f"chunk_size is only supported with method='vmap'; got method={method!r}.")
@@ -346,7 +263,7 @@ def clipped_sum_fn(
   method_fn = _method_fn(method)
 
   def fn(params: Params, batch: Batch, is_padding: Any = None) -> ClippedSum:
-    size = _batch_size(batch)
+    size = _checks.batch_size(batch)
     if is_padding is None:
       is_padding = jnp.zeros((size,), bool)
     is_padding = _check_is_padding(is_padding, size)
@@ -411,7 +328,6 @@ def clipped_grad(
   Raises:
     ValueError: for a negative clip, an unknown ``method``/``per_layer``, or (when called) a
       ``batch`` whose leaves disagree on the leading axis or a mis-shaped ``is_padding``.
-    NotImplementedError: for ``method="ghost"`` when :mod:`curvopt.ghost` is missing.
 
   Examples:
     Gradients of :math:`w \cdot x` are the examples; ``(3, 4)`` has norm 5 and is scaled down
@@ -439,9 +355,9 @@ def clipped_grad(
   return fn
 
 
-def _clip_sum_grads(grads: Params, is_padding: Any, l2_norm_clip: Any, mode: str) -> ClippedSum:
+def clip_sum_grads(grads: Params, is_padding: Any, l2_norm_clip: Any, mode: str) -> ClippedSum:
   """The clipping policy applied to given per-example gradients."""
-  size = _batch_size(grads, "updates (per-example gradients)")
+  size = _checks.batch_size(grads, "updates (per-example gradients)")
   if is_padding is None:
     is_padding = jnp.zeros((size,), bool)
   is_padding = _check_is_padding(is_padding, size)
@@ -454,19 +370,21 @@ def _clip_sum_grads(grads: Params, is_padding: Any, l2_norm_clip: Any, mode: str
 
 
 # ------------------------------------------------------------------------------------------
-# optax transformations.
+# The optax transformation.
 
 
 class ClipPerExampleState(NamedTuple):
-  """State of :func:`clip_per_example`: diagnostics only.
+  """State of :func:`clip_per_example`: diagnostics only (the fields of :class:`DPSGDState`).
 
   Attributes:
     num_dropped: non-finite examples dropped so far (all steps), int32.
-    num_clipped: examples scaled down at the last step, int32.
+    last_num_dropped: non-finite examples dropped at the last step, int32.
+    last_num_clipped: examples scaled down at the last step, int32.
   """
 
   num_dropped: jax.Array
-  num_clipped: jax.Array
+  last_num_dropped: jax.Array
+  last_num_clipped: jax.Array
 
 
 def clip_per_example(
@@ -496,205 +414,24 @@ def clip_per_example(
     >>> tx = clip_per_example(1.0)
     >>> g = {"w": jnp.array([[3.0, 4.0], [0.6, 0.0]])}
     >>> out, state = tx.update(g, tx.init({"w": jnp.zeros(2)}))
-    >>> out["w"].round(4).tolist(), int(state.num_clipped)
+    >>> out["w"].round(4).tolist(), int(state.last_num_clipped)
     ([0.6, 0.4], 1)
   """
-  _check_nonnegative("l2_norm_clip", l2_norm_clip)
-  mode = _per_layer_mode(per_layer)
-
-  def init_fn(params):
-    del params
-    return ClipPerExampleState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-
-  def update_fn(updates, state, params=None, *, is_padding=None, **extra_args):
-    del params, extra_args
-    result = _clip_sum_grads(updates, is_padding, l2_norm_clip, mode)
-    n = jnp.maximum(result.num_examples, 1)
-    mean = jax.tree.map(lambda s: s / n.astype(s.dtype), result.sum)
-    return mean, ClipPerExampleState(state.num_dropped + result.num_dropped, result.num_clipped)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-class DPSGDState(NamedTuple):
-  """State of :func:`dp_aggregate` (the first element of :func:`dp_sgd`'s state).
-
-  Attributes:
-    key: the PRNG key for the next step's noise.
-    count: number of steps taken, int32.
-    num_dropped: non-finite examples dropped so far (all steps), int32.
-    last_num_dropped: non-finite examples dropped at the last step, int32.
-    last_num_clipped: examples scaled down at the last step, int32.
-  """
-
-  key: jax.Array
-  count: jax.Array
-  num_dropped: jax.Array
-  last_num_dropped: jax.Array
-  last_num_clipped: jax.Array
-
-
-def _as_key(key: Any) -> jax.Array:
-  if isinstance(key, int):
-    return jax.random.key(key)
-  if not isinstance(key, jax.Array):
-    raise TypeError(f"key must be a jax.random key or an int seed; got {type(key).__name__}.")
-  return key
-
-
-def dp_aggregate(
-  l2_norm_clip: Any,
-  noise_multiplier: Any,
-  key: jax.Array | int,
-  *,
-  expected_batch_size: int | None = None,
-  per_layer: PerLayer = False,
-) -> optax.GradientTransformationExtraArgs:
-  r"""Optax transformation: clip per example, sum, add Gaussian noise, divide (DP-SGD's core).
-
-  .. math::
-
-    \tilde g = \frac{1}{\bar B}\Big(\sum_i w_i g_i + \sigma C\, \xi\Big),\qquad
-    w_i = \min\big(1, C/\|g_i\|\big),\quad \xi \sim \mathcal N(0, I).
-
-  The noise is added to the **sum** (its standard deviation :math:`\sigma C` is the
-  sensitivity times the noise multiplier) and then divided, with everything else, by
-  :math:`\bar B` = ``expected_batch_size``: under Poisson sampling, dividing by the realised
-  batch size would make the noise scale depend on the data. ``expected_batch_size=None``
-  divides by the static leading-axis size ``B`` of the input (the padded size with padding:
-  data-independent, but for Poisson sampling pass ``sample_rate * num_examples``). The noise
-  is drawn and added in (at least) float32, then cast to the gradient's dtype.
-
-  ``update(updates, state, params=None, *, is_padding=None)`` takes either per-example
-  gradients (a leading example axis on every leaf, as ``optax.contrib.
-  differentially_private_aggregate``), or a :class:`ClippedSum` from :func:`clipped_sum_fn`
-  (e.g. with ``method="ghost"``, never materialising per-example gradients); ``is_padding`` is
-  ignored for a :class:`ClippedSum`, which already applied it (as were its own clip and
-  ``per_layer``: build it with the same ``l2_norm_clip``). Non-finite examples are
-  dropped and counted in :class:`DPSGDState`.
-
-  Args:
-    l2_norm_clip: the clip norm :math:`C \ge 0`.
-    noise_multiplier: :math:`\sigma \ge 0`.
-    key: a ``jax.random`` key (or an int seed); it lives in the state and is split each step.
-    expected_batch_size: :math:`\bar B > 0`; ``None`` uses the input's leading-axis size.
-    per_layer: ``False``, ``True``/``"uniform"`` or ``"size"`` (see :func:`clipped_grad`).
-
-  Returns:
-    An :class:`optax.GradientTransformationExtraArgs` with :class:`DPSGDState`.
-
-  Examples:
-    With :math:`\sigma = 0` it is the clipped sum over :math:`\bar B`:
-
-    >>> tx = dp_aggregate(1.0, 0.0, key=0, expected_batch_size=4)
-    >>> g = jnp.array([[3.0, 4.0], [0.6, 0.0]])
-    >>> out, state = tx.update(g, tx.init(jnp.zeros(2)))
-    >>> out.round(4).tolist()
-    [0.3, 0.2]
-
-  References:
-    Abadi et al., "Deep learning with differential privacy", CCS 2016.
-  """
-  _check_nonnegative("l2_norm_clip", l2_norm_clip)
-  _check_nonnegative("noise_multiplier", noise_multiplier)
-  if expected_batch_size is not None and not expected_batch_size > 0:
-    raise ValueError(
-      f"expected_batch_size must be > 0 (sample_rate * num_examples); got {expected_batch_size!r}."
-    )
-  key = _as_key(key)
-  mode = _per_layer_mode(per_layer)
+  _checks.check_nonnegative("l2_norm_clip", l2_norm_clip)
+  mode = per_layer_mode(per_layer)
 
   def init_fn(params):
     del params
     zero = jnp.zeros((), jnp.int32)
-    return DPSGDState(key, zero, zero, zero, zero)
+    return ClipPerExampleState(zero, zero, zero)
 
   def update_fn(updates, state, params=None, *, is_padding=None, **extra_args):
     del params, extra_args
-    if isinstance(updates, ClippedSum):
-      result = updates
-      size = jnp.shape(jax.tree.leaves(result.norms)[0])[0]
-    else:
-      result = _clip_sum_grads(updates, is_padding, l2_norm_clip, mode)
-      size = _batch_size(updates, "updates (per-example gradients)")
-    denominator = size if expected_batch_size is None else expected_batch_size
-    next_key, noise_key = jax.random.split(state.key)
-    keys = optax.tree.split_key_like(noise_key, result.sum)
-
-    def noisy_mean(s, k):
-      dtype = jnp.promote_types(s.dtype, jnp.float32)
-      noise = jax.random.normal(k, s.shape, dtype)
-      out = (s.astype(dtype) + (noise_multiplier * l2_norm_clip) * noise) / denominator
-      return out.astype(s.dtype)
-
-    if isinstance(noise_multiplier, int | float) and noise_multiplier == 0:
-      out = jax.tree.map(lambda s: s / jnp.asarray(denominator, s.dtype), result.sum)
-    else:
-      out = jax.tree.map(noisy_mean, result.sum, keys)
-    new_state = DPSGDState(
-      next_key,
-      state.count + 1,
-      state.num_dropped + result.num_dropped,
-      result.num_dropped,
-      result.num_clipped,
+    result = clip_sum_grads(updates, is_padding, l2_norm_clip, mode)
+    n = jnp.maximum(result.num_examples, 1)
+    mean = jax.tree.map(lambda s: s / n.astype(s.dtype), result.sum)
+    return mean, ClipPerExampleState(
+      state.num_dropped + result.num_dropped, result.num_dropped, result.num_clipped
     )
-    return out, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def dp_sgd(
-  learning_rate: optax.ScalarOrSchedule,
-  *,
-  l2_norm_clip: Any,
-  noise_multiplier: Any,
-  key: jax.Array | int,
-  expected_batch_size: int | None = None,
-  momentum: float | None = None,
-  nesterov: bool = False,
-  per_layer: PerLayer = False,
-) -> optax.GradientTransformationExtraArgs:
-  r"""DP-SGD: :func:`dp_aggregate` followed by SGD (optionally with momentum).
-
-  ``optax.chain(dp_aggregate(...), optax.sgd(learning_rate, momentum, nesterov))``; the state
-  is a tuple whose first element is :class:`DPSGDState` (noise key, step count, dropped and
-  clipped counts). ``update`` takes per-example gradients (leading example axis) or a
-  :class:`ClippedSum`, and the ``is_padding=`` mask as an extra argument. The privacy spent
-  is :func:`curvopt.privacy.epsilon` with ``sample_rate = expected_batch_size / N`` and the
-  number of steps taken; that accounting assumes Poisson sampling
-  (:func:`curvopt.privacy.poisson_sample`).
-
-  Args:
-    learning_rate: a float or an optax schedule.
-    l2_norm_clip: the clip norm :math:`C \ge 0`.
-    noise_multiplier: :math:`\sigma \ge 0`.
-    key: a ``jax.random`` key or an int seed for the noise.
-    expected_batch_size: :math:`\bar B`; ``None`` uses the leading-axis size.
-    momentum: optional heavy-ball momentum (``None`` for plain SGD).
-    nesterov: use Nesterov momentum.
-    per_layer: ``False``, ``True``/``"uniform"`` or ``"size"``.
-
-  Returns:
-    An :class:`optax.GradientTransformationExtraArgs`.
-
-  Examples:
-    >>> opt = dp_sgd(0.5, l2_norm_clip=1.0, noise_multiplier=0.0, key=0)
-    >>> params = jnp.zeros(2)
-    >>> g = jnp.array([[3.0, 4.0], [0.6, 0.0]])
-    >>> updates, state = opt.update(g, opt.init(params), params)
-    >>> updates.round(4).tolist()
-    [-0.3, -0.2]
-
-  References:
-    Abadi et al., "Deep learning with differential privacy", CCS 2016.
-  """
-  return optax.chain(
-    dp_aggregate(
-      l2_norm_clip,
-      noise_multiplier,
-      key,
-      expected_batch_size=expected_batch_size,
-      per_layer=per_layer,
-    ),
-    optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
-  )

@@ -1,7 +1,7 @@
 r"""Newton-CG / Hessian-free optimisation as an optax transformation.
 
 Each step solves the damped Newton system :math:`(C + \lambda I)\, d = g` approximately by
-truncated conjugate gradient (:func:`curvopt.solvers.conjugate_gradient`), with :math:`C` a
+truncated conjugate gradient (:func:`curvopt.linalg.cg.conjugate_gradient`), with :math:`C` a
 curvature matrix seen only through products (Hessian, generalised Gauss-Newton, empirical
 Fisher, or your own), and returns the direction :math:`d`. The damping :math:`\lambda` follows
 the Levenberg-Marquardt rule of Martens (2010). Everything runs inside one compiled program.
@@ -22,7 +22,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvopt import _checks, products, solvers
+from curvopt import _checks
+from curvopt.curvature import products
+from curvopt.linalg import cg
 
 Params = Any
 Matvec = Callable[[Any], Any]
@@ -62,7 +64,7 @@ class NewtonCGState(NamedTuple):
     loss: the objective at the parameters the last update was computed at.
     cg_steps: CG iterations of the last solve.
     cg_status: why the last solve stopped, an index into
-      :data:`curvopt.solvers.CG_STATUSES`.
+      :data:`curvopt.linalg.cg.CG_STATUSES`.
     negative_curvature: whether the last solve met non-positive curvature (Steihaug exit).
     num_rejected: total number of rejected steps (non-finite, or ``rho <= accept_ratio``).
   """
@@ -425,7 +427,7 @@ def scale_by_newton_cg(
     backtrack_fn = None
     if cg_backtracking and objective is not None:
       backtrack_fn = lambda d: objective(optax.tree.sub(params, d))
-    result = solvers.conjugate_gradient(
+    result = cg.conjugate_gradient(
       damped,
       updates,
       x0,
