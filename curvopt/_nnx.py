@@ -1,0 +1,68 @@
+"""Direct support for flax nnx Modules, without importing flax unless a Module is passed.
+
+curvopt's functions differentiate pure functions of a pytree. An nnx user has a stateful
+``Module`` whose parameters (``nnx.Param``) are what to differentiate, while other state
+(BatchNorm statistics, Dropout RNG counts, integer counters) must ride along untouched. The
+helpers here turn ``(f, module)`` into ``(f_pure, params)`` with ``params`` the Module's ``wrt``
+state (``nnx.Param`` by default) and ``f_pure(params) = f(merge(params))``; everything else is
+captured as constants. Results shaped like ``params`` come back as ``nnx.State`` objects, which
+``nnx.update(module, state)`` and ``nnx.Optimizer`` understand.
+"""
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+def is_module(x: Any) -> bool:
+  """Whether ``x`` is a flax nnx ``Module`` (``False`` when flax was never imported)."""
+  nnx = sys.modules.get("flax.nnx")
+  return nnx is not None and isinstance(x, nnx.Module)
+
+
+def is_state(x: Any) -> bool:
+  """Whether ``x`` is a flax nnx ``State`` (``False`` when flax was never imported)."""
+  nnx = sys.modules.get("flax.nnx")
+  return nnx is not None and isinstance(x, nnx.State)
+
+
+def split(module: Any, wrt: Any = None) -> tuple[Any, Callable[[Any], Any]]:
+  """``(params, merge)``: the Module's ``wrt`` state and ``params -> Module`` rebuilding it.
+
+  Args:
+    module: an ``nnx.Module``.
+    wrt: an nnx filter selecting the differentiated state; ``None`` means ``nnx.Param``.
+
+  Returns:
+    ``params`` (an ``nnx.State``) and ``merge(params) -> Module``, a pure function that builds
+    a new Module from the graph definition, ``params`` and the rest of the state.
+  """
+  from flax import nnx  # noqa: PLC0415 (flax is optional: imported only for Modules)
+
+  graphdef, params, rest = nnx.split(module, nnx.Param if wrt is None else wrt, ...)
+  return params, lambda p: nnx.merge(graphdef, p, rest)
+
+
+def pure(f: Callable[..., Any], x: Any, wrt: Any = None) -> tuple[Callable[..., Any], Any]:
+  """``(f, x)`` unchanged for pytrees; ``(p, *a) -> f(merge(p), *a)`` and the params for Modules.
+
+  Args:
+    f: a function whose first argument is ``x``.
+    x: a pytree, or an ``nnx.Module``.
+    wrt: the nnx filter of the differentiated state (Modules only; default ``nnx.Param``).
+
+  Returns:
+    ``(f_pure, params)`` with ``f_pure(params, *args, **kwargs) == f(x, *args, **kwargs)``.
+
+  Raises:
+    TypeError: if ``wrt`` is given for an argument that is not an nnx Module.
+  """
+  if not is_module(x):
+    if wrt is not None:
+      raise TypeError(
+        f"wrt= selects the differentiated state of an nnx.Module, but got a "
+        f"{type(x).__name__}; drop wrt= for plain pytrees."
+      )
+    return f, x
+  params, merge = split(x, wrt)
+  return (lambda p, *args, **kwargs: f(merge(p), *args, **kwargs)), params
