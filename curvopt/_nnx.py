@@ -40,7 +40,9 @@ def split(module: Any, wrt: Any = None) -> tuple[Any, Callable[[Any], Any]]:
   from flax import nnx  # noqa: PLC0415 (flax is optional: imported only for Modules)
 
   graphdef, params, rest = nnx.split(module, nnx.Param if wrt is None else wrt, ...)
-  return params, lambda p: nnx.merge(graphdef, p, rest)
+  # Fresh Variables at every call: a Module that updates its own state (BatchNorm statistics in
+  # training mode) may then mutate them inside a trace; the updates are discarded.
+  return params, lambda p: nnx.merge(graphdef, p, rest, copy=True)
 
 
 def pure(f: Callable[..., Any], x: Any, wrt: Any = None) -> tuple[Callable[..., Any], Any]:
