@@ -24,6 +24,7 @@ TASK_MODULES = {
   "td": "td",
   "maml": "maml",
   "hyperopt": "hyperopt",
+  "pinn": "pinn",
 }
 
 
