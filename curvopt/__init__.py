@@ -67,6 +67,15 @@ from curvopt.recipes.targets import lambda_returns, td0_loss, td_target
 __version__ = "0.1.0"
 
 
+def __getattr__(name: str):
+  # The launcher's parts need the `experiments` extras: imported on first use only.
+  if name == "experiment":
+    import importlib
+
+    return importlib.import_module("curvopt.experiment")
+  raise AttributeError(f"module 'curvopt' has no attribute {name!r}")
+
+
 __all__ = [
   "autodiff",
   "curvature",

@@ -4,7 +4,7 @@
 task families live in ``experiments/`` and subclass :class:`Task`.
 """
 
-import importlib.util as _importlib_util
+import importlib as _importlib
 
 for _module, _package in (
   ("omegaconf", "omegaconf"),
@@ -12,12 +12,14 @@ for _module, _package in (
   ("orbax.checkpoint", "orbax-checkpoint"),
   ("matplotlib", "matplotlib"),
 ):
-  if _importlib_util.find_spec(_module.split(".")[0]) is None:
+  try:
+    _importlib.import_module(_module)
+  except ModuleNotFoundError as _err:
     raise ModuleNotFoundError(
       f"curvopt.experiment needs {_package}, one of the launcher's extras; install them with "
       "pip install -e '.[experiments]' (from a checkout) or pip install 'curvopt[experiments]'.",
       name=_module,
-    )
+    ) from _err
 
 from curvopt.experiment.config import (  # noqa: E402
   BudgetConfig,

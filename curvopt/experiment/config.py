@@ -264,6 +264,8 @@ def _check_values(experiment: ExperimentConfig, opts: list[Any]) -> None:
   for key, ok, expected in checks:
     if not ok:
       raise ConfigError(f"config key '{key}': expected {expected}.")
+  for i, opt in enumerate(opts):
+    check_options(opt, f"optimizers[{i}]")
   seen: dict[str, int] = {}
   for i, opt in enumerate(opts):
     label = label_of(opt)
@@ -273,6 +275,27 @@ def _check_values(experiment: ExperimentConfig, opts: list[Any]) -> None:
         f"optimizers[{seen[label]}]; give each entry a distinct label."
       )
     seen[label] = i
+
+
+def check_options(opt: Any, path: str) -> None:
+  """Rejects values outside a field's choices and non-positive learning rates.
+
+  An optimiser schema may carry ``choices``, a table of field -> allowed values (those derived
+  from ``Literal`` annotations); ``learning_rate`` must be a number > 0 wherever it is set.
+  """
+  for field_name, allowed in getattr(type(opt), "choices", {}).items():
+    value = getattr(opt, field_name)
+    if value not in allowed:
+      raise ConfigError(
+        f"config key '{path}.{field_name}': invalid value {value!r}; allowed values: "
+        f"{list(allowed)}."
+      )
+  lr = getattr(opt, "learning_rate", None)
+  if isinstance(lr, int | float) and not isinstance(lr, bool) and not lr > 0:
+    raise ConfigError(
+      f"config key '{path}.learning_rate': expected a number > 0 (or null where the optimiser "
+      f"allows it); got {lr!r}."
+    )
 
 
 def label_of(opt: Any) -> str:

@@ -150,23 +150,6 @@ def options_of(cfg: Any, schema_fn: Callable[..., Any], *, exclude: Sequence[str
   return out
 
 
-def check_options(cfg: Any, path: str) -> None:
-  """Rejects values outside a field's choices and non-positive learning rates (ConfigError)."""
-  for field_name, allowed in getattr(type(cfg), "choices", {}).items():
-    value = getattr(cfg, field_name)
-    if value not in allowed:
-      raise ConfigError(
-        f"config key '{path}.{field_name}': invalid value {value!r}; allowed values: "
-        f"{list(allowed)}."
-      )
-  lr = getattr(cfg, "learning_rate", None)
-  if isinstance(lr, int | float) and not lr > 0:
-    raise ConfigError(
-      f"config key '{path}.learning_rate': expected a number > 0 (or null where the optimiser "
-      f"allows it); got {lr!r}."
-    )
-
-
 @dataclass(frozen=True)
 class OptimizerEntry:
   """A registered optimiser: its config ``schema`` and ``build(cfg, task, path) -> Method``."""
@@ -289,7 +272,6 @@ def build_method(cfg: Any, task: Any, path: str) -> Method:
   :class:`ConfigError` naming ``path``, before any training starts.
   """
   task.check_variant(f"{path}.variant", cfg.variant)
-  check_options(cfg, path)
   try:
     return OPTIMIZERS[cfg.name].build(cfg, task, path)
   except ConfigError:
