@@ -4,15 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from linalg_problems import join, split
+from linalg_problems import spd as _spd
 
 from curvopt.linalg.cg import CG_STATUSES, conjugate_gradient
 from curvopt.linalg.status import SolverStatus
-
-
-def _spd(n, cond, seed, dtype=np.float64):
-  rng = np.random.default_rng(seed)
-  q, _ = np.linalg.qr(rng.normal(size=(n, n)))
-  return ((q * np.geomspace(1.0, cond, n)) @ q.T).astype(dtype)
 
 
 def _numpy_cg(a, b, steps):
@@ -37,8 +33,6 @@ def _numpy_cg(a, b, steps):
 def test_solves_spd_system_on_pytrees(dtype, rtol, use_jit):
   a = _spd(12, 50.0, 0, dtype)
   b = np.random.default_rng(1).normal(size=12).astype(dtype)
-  split = lambda v: {"w": v[:8].reshape(2, 4), "b": v[8:]}
-  join = lambda t: jnp.concatenate([t["w"].ravel(), t["b"]])
   matvec = lambda t: split(jnp.asarray(a) @ join(t))
   solve = lambda rhs: conjugate_gradient(matvec, rhs, tol=1e-12 if dtype == np.float64 else 1e-6)
   result = (jax.jit(solve) if use_jit else solve)(split(jnp.asarray(b)))
