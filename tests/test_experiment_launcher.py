@@ -117,8 +117,22 @@ def test_overrides_reach_the_validated_config():
 
 
 # Keep the task-specific reports small in the smoke runs (they compile extra programs).
+# Smaller models and fewer unrolled steps: every code path of each config, a fraction of the
+# compile time (which dominates these runs).
 SMOKE_OVERRIDES = {
-  "maml_sinusoid.yaml": ["task.memory_inner_steps=[1]", "task.eval_tasks=8", "task.meta_batch=4"],
+  "maml_sinusoid.yaml": [
+    "task.memory_inner_steps=[1]",
+    "task.eval_tasks=8",
+    "task.meta_batch=4",
+    "task.hidden=[8]",
+    "task.imaml_inner_steps=2",
+    "task.eval_inner_steps=2",
+    "task.cg_steps=2",
+  ],
+  "autoencoder_digits.yaml": ["task.encoder=[64, 8, 2]"],
+  "cnn_digits.yaml": ["task.channels=[2, 2]", "task.batch_size=64"],
+  "mlp_digits.yaml": ["task.hidden=[8]"],
+  "td0_random_walk.yaml": ["task.hidden=[4]", "task.num_episodes=10"],
   "hyperopt_ridge.yaml": ["task.report_unroll_steps=[5]"],
   "spectrum_mlp.yaml": ["task.lanczos_iters=8", "task.density_iters=8", "task.trace_samples=2"],
 }
@@ -198,7 +212,7 @@ def test_one_compilation_per_optimiser(tmp_path):
   traces = collections.Counter()
   # 4 chunks of steps (one of length 1) for each of two seeds: still one trace per optimiser.
   cfg = _load(_quick(), ["budget.steps=7", "eval_every=2", "seeds=[0, 1]"])
-  _run(cfg, tmp_path, hooks=runner.RunHooks(on_trace=traces.update))
+  _run(cfg, tmp_path, hooks=runner.RunHooks(on_trace=lambda label: traces.update([label])))
   assert dict(traces) == {"adam": 1, "lbfgs": 1}
 
 
@@ -316,7 +330,7 @@ def test_dp_sgd_logs_the_privacy_spent(tmp_path):
 
 
 def test_random_walk_true_values_solve_the_bellman_equation():
-  import td
+  from experiments import td
 
   cfg = td.Config(num_states=7, left_reward=-1.0)
   task = td.build(cfg, np.float64)
@@ -334,7 +348,7 @@ def test_random_walk_true_values_solve_the_bellman_equation():
 
 
 def test_hyperopt_implicit_hypergradient_matches_the_closed_form():
-  import hyperopt
+  from experiments import hyperopt
 
   task = hyperopt.build(hyperopt.Config(), np.float64)
   params = task.init_params(None)

@@ -99,7 +99,9 @@ def _sharded_main(out_dir):
   launch("single", "mesh.num_devices=1")
   traces = collections.Counter()
   launch(
-    "sharded", f"mesh.num_devices={NUM_DEVICES}", hooks=runner.RunHooks(on_trace=traces.update)
+    "sharded",
+    f"mesh.num_devices={NUM_DEVICES}",
+    hooks=runner.RunHooks(on_trace=lambda label: traces.update([label])),
   )
   facts["trace_counts"] = dict(traces)
   launch("all_devices", "mesh.num_devices=null", "optimizers=[{name: newton_cg, cg_max_steps: 10}]")
