@@ -40,6 +40,8 @@ def hvp(f: Callable[[Any], jax.Array], x: Any, v: Any, *, mode: HvpMode = "fwd_r
 
   Raises:
     ValueError: for an unknown ``mode``, a ``v`` shaped unlike ``x`` or a non-scalar ``f``.
+    TypeError: for a leaf of ``v`` whose dtype differs from ``x``'s (the message names the
+      leaf and the cast that fixes it; Python scalars are cast to ``x``'s dtype).
 
   Examples:
     >>> float(hvp(lambda x: (x ** 3).sum(), jnp.array(2.0), jnp.array(1.0)))
@@ -49,7 +51,7 @@ def hvp(f: Callable[[Any], jax.Array], x: Any, v: Any, *, mode: HvpMode = "fwd_r
     Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 1994.
   """
   _checks.check_choice("mode", mode, HVP_MODES)
-  _checks.check_same_structure(x, v)
+  v = _checks.check_tangent("hvp", x, v)
   _checks.check_scalar_output("hvp", jax.eval_shape(f, x))
   if mode == "fwd_rev":
     return jax.jvp(jax.grad(f), (x,), (v,))[1]
@@ -92,8 +94,7 @@ def hvp_fn(f: Callable[[Any], jax.Array], x: Any, *, mode: HvpMode = "fwd_rev") 
     matvec = lambda v: hvp(f, x, v, mode="rev_fwd")
 
   def checked_matvec(v):
-    _checks.check_same_structure(x, v)
-    return matvec(v)
+    return matvec(_checks.check_tangent("hvp_fn's matvec", x, v))
 
   return checked_matvec
 
@@ -136,7 +137,7 @@ def ggn_fn(
   _, loss_hvp = jax.linearize(jax.grad(loss_fn), outputs)
 
   def matvec(v):
-    _checks.check_same_structure(params, v, "params", "v")
+    v = _checks.check_tangent("ggn_fn's matvec", params, v, "params", "v")
     (gv,) = model_vjp(loss_hvp(model_jvp(v)))
     return gv
 
@@ -167,7 +168,7 @@ def ggn_vp(
     >>> ggn_vp(lambda w: X @ w, lambda z: 0.5 * z @ z, jnp.zeros(2), jnp.ones(2)).tolist()
     [24.0, 34.0]
   """
-  _checks.check_same_structure(params, v, "params", "v")
+  v = _checks.check_tangent("ggn_vp", params, v, "params", "v")
   return ggn_fn(model_fn, loss_fn, params)(v)
 
 
@@ -217,7 +218,7 @@ def empirical_fisher_fn(
   losses_vjp = jax.linear_transpose(losses_jvp, params)
 
   def matvec(v):
-    _checks.check_same_structure(params, v, "params", "v")
+    v = _checks.check_tangent("empirical_fisher_fn's matvec", params, v, "params", "v")
     (fv,) = losses_vjp(losses_jvp(v) / num_examples)
     return fv
 
