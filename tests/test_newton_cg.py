@@ -163,9 +163,14 @@ def test_nonfinite_loss_rejected_damping_raised():
   state = tx.init(x)
   updates, state = step(x, state)
   inner = state[0]
-  assert int(inner.num_rejected) == 1 and float(inner.rho) == -np.inf
-  np.testing.assert_array_equal(updates, np.zeros(3))
-  np.testing.assert_allclose(inner.damping, 0.15)
+  # The first trial (lambda = 0.1, d = g / 2.1) leaves the domain: it is rejected and re-solved
+  # inside the same update with lambda raised to the curvature along d, 2.1 (retry_damping), so
+  # the returned step is g / 4.1, finite and decreasing; then rho > 3/4 shrinks lambda by 2/3.
+  assert int(inner.num_rejected) == 1 and int(inner.num_trials) == 2
+  assert int(inner.num_failed) == 0
+  np.testing.assert_allclose(updates, 3.0 / 4.1 * np.ones(3), rtol=1e-8)
+  assert float(f(x + updates)) < float(f(x)) and float(inner.rho) > 0.75
+  np.testing.assert_allclose(inner.damping, 2.1 * 2 / 3, rtol=1e-8)
   for _ in range(30):
     updates, state = step(x, state)
     x = optax.apply_updates(x, updates)
@@ -174,10 +179,12 @@ def test_nonfinite_loss_rejected_damping_raised():
   np.testing.assert_allclose(x, (-1 + np.sqrt(1 + 9)) / 3 * np.ones(3), rtol=1e-8)
 
   # A NaN loss at the current point is rejected too.
+  # (every trial is then rejected: after 1 + max_retries solves the update is zero, counted).
   nan_f = lambda x: f(x) * jnp.nan
   updates, state = tx.update(jnp.ones(3), tx.init(x), x, value_fn=nan_f)
   np.testing.assert_array_equal(updates, np.zeros(3))
-  assert int(state[0].num_rejected) == 1
+  assert int(state[0].num_failed) == 1 and int(state[0].num_trials) == 9
+  assert int(state[0].num_rejected) == 9
 
 
 @pytest.mark.parametrize("curvature", ["ggn", "fisher", "hessian"])
