@@ -35,9 +35,6 @@ from curvopt.optimizers.curvatures import CurvatureFn, DiagonalFn, arg_names, ro
 
 CurvatureName = Literal["hessian", "ggn", "fisher"]
 SolverName = Literal["cg", "nystrom", "dense"]
-CURVATURES = tuple(curvatures_lib.CURVATURES)
-SOLVERS = tuple(solvers_lib.SOLVERS)
-PRECONDITIONERS = (None, *curvatures_lib.DIAGONALS)
 
 #: Defaults of the options that fix array shapes (``None`` in the signatures so that
 #: ``optax.inject_hyperparams`` leaves them static).
@@ -250,7 +247,7 @@ def _make_solver(
     return solver
   if callable(solver):
     return solvers_lib.from_function(solver)
-  _checks.check_choice("solver", solver, SOLVERS)
+  _checks.check_choice("solver", solver, tuple(solvers_lib.SOLVERS))
   options = solvers_lib.SolverOptions(
     max_steps=max_steps, progress_tol=progress_tol, rank=rank, refresh_every=refresh_every
   )
@@ -418,9 +415,9 @@ def scale_by_newton_cg(
     Appl. 2023.
   """
   if not callable(curvature):
-    _checks.check_choice("curvature", curvature, CURVATURES)
+    _checks.check_choice("curvature", curvature, tuple(curvatures_lib.CURVATURES))
   if not callable(preconditioner):
-    _checks.check_choice("preconditioner", preconditioner, PRECONDITIONERS)
+    _checks.check_choice("preconditioner", preconditioner, (None, *curvatures_lib.DIAGONALS))
   if curvature in curvatures_lib.NEEDS_MODEL and (model_fn is None or loss_fn is None):
     raise ValueError(
       f"newton_cg(curvature={curvature!r}) needs model_fn=(params, **data) -> outputs and "
