@@ -555,3 +555,35 @@ def test_misuse_raises_with_the_fix():
   tx = scale_by_newton_cg("fisher")
   with pytest.raises(ValueError, match="leading example axis"):
     tx.update(jnp.ones(2), tx.init(jnp.ones(2)), jnp.ones(2), value_fn=lambda p: p @ p)
+
+
+def test_grads_dtype_unlike_params_raise_a_named_error():
+  tx = scale_by_newton_cg("hessian")
+  params = jnp.ones(2, jnp.float64)
+  with pytest.raises(TypeError, match="float32.*float64.*cast_like"):
+    tx.update(jnp.ones(2, jnp.float32), tx.init(params), params, value_fn=lambda p: p @ p)
+
+
+def test_undeclared_data_keyword_raises_naming_it_and_the_accepted_names():
+  params, x, y, model_fn, loss_fn = _mlp_problem(8, n=8)
+  g = jax.grad(value_fn_from_model(model_fn, loss_fn))(params, x=x, y=y)
+  tx = newton_cg(model_fn=model_fn, loss_fn=loss_fn)
+  with pytest.raises(ValueError, match=r"\['Y'\].*\['x', 'y'\]"):
+    tx.update(g, tx.init(params), params, x=x, Y=y)
+  tx = newton_cg(curvature="hessian")
+  value_fn = lambda p, x, y: loss_fn(model_fn(p, x), y)
+  with pytest.raises(ValueError, match=r"\['batch'\]"):
+    tx.update(g, tx.init(params), params, value_fn=value_fn, x=x, y=y, batch=x)
+
+
+def test_traced_hyperparameters_skip_construction_checks():
+  # Under jit a hyper-parameter may be a tracer: no Python bool of it is taken.
+  f = lambda x: jnp.sum((x - 1.0) ** 2)
+  step = jax.jit(
+    lambda x, lam, ratio: newton_cg(curvature="hessian", damping=lam, accept_ratio=ratio).update(
+      jax.grad(f)(x), newton_cg(curvature="hessian", damping=lam).init(x), x, value_fn=f
+    )[0]
+  )
+  np.testing.assert_allclose(step(jnp.zeros(2), 0.0, 0.0), np.ones(2), rtol=1e-8)
+  with pytest.raises(ValueError, match="damping must be >= 0"):
+    newton_cg(curvature="hessian", damping=-1.0)
