@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvopt import _checks
+from curvopt import _checks, _nnx
 from curvopt._typing import Params
 from curvopt.curvature import products
 from curvopt.optimizers import curvatures as curvatures_lib
@@ -240,6 +240,17 @@ def _check_data_names(data: dict, fns: list[Callable]) -> None:
     )
 
 
+def _module_model_fn(model_fn: Callable[..., Any], module: Any) -> Callable[..., Any]:
+  """``(params, **data) -> model_fn(module rebuilt from params, **data)``, same data names."""
+  _, merge = _nnx.split(module)
+
+  def pure_model_fn(params, **data):
+    return model_fn(merge(params), **data)
+
+  pure_model_fn.__signature__ = inspect.signature(model_fn)
+  return pure_model_fn
+
+
 def _make_solver(
   solver: Any, max_steps: int, progress_tol: Any, rank: int, refresh_every: Any
 ) -> solvers_lib.LinearSolver:
@@ -262,11 +273,12 @@ def scale_by_newton_cg(
   *,
   model_fn: Callable[..., Any] | None = None,
   loss_fn: Callable[..., jax.Array] | None = None,
+  module: Any = None,
   damping: float = 1.0,
   adapt_damping: bool = True,
   damping_bounds: tuple[float, float] = (1e-8, 1e8),
   damping_increase: float = 1.5,
-  damping_decrease: float = 2.0 / 3.0,
+  damping_decrease: float = 1.0 / 3.0,
   accept_ratio: float | None = 0.0,
   max_retries: int = 8,
   solver: SolverName | solvers_lib.LinearSolver | Callable[..., Any] = "cg",
@@ -349,6 +361,12 @@ def scale_by_newton_cg(
     model_fn: ``model_fn(params, **data) -> outputs`` (``"ggn"``; optional otherwise, then
       used with ``loss_fn`` as the objective when no ``value_fn`` is given).
     loss_fn: ``loss_fn(outputs, **data) -> scalar`` (``"ggn"``).
+    module: a flax ``nnx.Module`` (optional). Then ``model_fn(module, **data)`` receives the
+      Module rebuilt from the parameters being optimised (its ``nnx.Param`` state, as
+      ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` passes them) and the rest of its state
+      (BatchNorm statistics, RNG counts) as it was here, so no ``split``/``merge`` is
+      needed in user code. State the Module updates in the forward pass (BatchNorm running
+      averages in training mode) is discarded inside curvature products.
     damping: initial :math:`\lambda \ge 0`.
     adapt_damping: adapt :math:`\lambda` from :math:`\rho` between updates.
     damping_bounds: ``(min, max)`` of :math:`\lambda`.
@@ -426,6 +444,15 @@ def scale_by_newton_cg(
     )
   if (model_fn is None) != (loss_fn is None):
     raise ValueError("Pass model_fn and loss_fn together (or neither).")
+  if module is not None:
+    if not _nnx.is_module(module):
+      raise TypeError(
+        f"module= takes a flax nnx.Module (whose Param state is optimised); got a "
+        f"{type(module).__name__}. For a plain pytree of parameters drop module=."
+      )
+    if model_fn is None:
+      raise ValueError("module= is used by model_fn: pass model_fn=(module, **data) -> outputs.")
+    model_fn = _module_model_fn(model_fn, module)
   _check("damping", damping, lambda v: v >= 0, ">= 0")
   lo, hi = damping_bounds
   if _concrete(lo) is not None and _concrete(hi) is not None and not 0 <= lo <= hi:
@@ -692,6 +719,8 @@ def newton_cg(
     return optax.chain(direction, scaling)
   linesearch = optax.with_extra_args_support(linesearch)
   model_fn, loss_fn = options.get("model_fn"), options.get("loss_fn")
+  if options.get("module") is not None:
+    model_fn = _module_model_fn(model_fn, options["module"])
   derived_value_fn = None if model_fn is None else value_fn_from_model(model_fn, loss_fn)
 
   def init_fn(params):
