@@ -347,7 +347,7 @@ def _newton_cg_schema() -> type:
   schema = schema_from_signature(
     "newton_cg",
     newton_cg,
-    exclude=("model_fn", "loss_fn", "linesearch"),
+    exclude=("model_fn", "loss_fn", "module", "linesearch"),
     extra=[("linesearch", str, "none"), ("max_linesearch_steps", int, 15)],
   )
   schema.choices["linesearch"] = LINESEARCHES
@@ -361,7 +361,7 @@ NewtonCGConfig = _newton_cg_schema()
 def _build_newton_cg(cfg: Any, task: Any, path: str) -> Method:
   from curvopt import newton_cg
 
-  options = options_of(cfg, newton_cg, exclude=("model_fn", "loss_fn", "linesearch"))
+  options = options_of(cfg, newton_cg, exclude=("model_fn", "loss_fn", "module", "linesearch"))
   if cfg.curvature == "ggn":
     split = task.gauss_newton_split(cfg.variant)
     if split is None:
