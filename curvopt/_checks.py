@@ -14,13 +14,18 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     raise ValueError(f"Unknown {name} {value!r}; expected one of {tuple(choices)}.")
 
 
-def check_same_structure(x: Any, v: Any, x_name: str = "x", v_name: str = "v") -> None:
-  """Raises ``ValueError`` unless ``v`` has the tree structure and leaf shapes of ``x``."""
+def check_same_structure(
+  x: Any, v: Any, x_name: str = "x", v_name: str = "v", hint: str = ""
+) -> None:
+  """Raises ``ValueError`` unless ``v`` has the tree structure and leaf shapes of ``x``.
+
+  ``hint`` (a sentence) is appended to the message of a structure mismatch.
+  """
   x_def, v_def = jax.tree.structure(x), jax.tree.structure(v)
   if x_def != v_def:
     raise ValueError(
       f"{v_name} must have the same pytree structure as {x_name}; got {v_def} for {v_name} "
-      f"and {x_def} for {x_name}."
+      f"and {x_def} for {x_name}.{' ' + hint if hint else ''}"
     )
   for path_and_x, v_leaf in zip(
     jax.tree_util.tree_leaves_with_path(x), jax.tree.leaves(v), strict=True
@@ -89,12 +94,17 @@ def _is_weak(leaf: Any) -> bool:
   return isinstance(leaf, int | float) or bool(getattr(leaf, "weak_type", False))
 
 
-def check_tangent(fn_name: str, x: Any, v: Any, x_name: str = "x", v_name: str = "v") -> Any:
+def check_tangent(
+  fn_name: str, x: Any, v: Any, x_name: str = "x", v_name: str = "v", hint: str = ""
+) -> Any:
   """``v`` checked against the point ``x``: structure, shapes and dtypes, leaf by leaf.
 
   JAX's ``jvp``/``linearize`` need a tangent with exactly the point's dtypes; a mismatch
   otherwise surfaces as a raw error from deep inside the transformation. Python scalars (and
   other weakly typed leaves) in ``v`` are cast to ``x``'s dtype, as JAX would promote them.
+
+  ``hint`` is appended to the message of a structure mismatch (see
+  :func:`check_same_structure`).
 
   Returns:
     ``v``, with weakly typed leaves cast to ``x``'s dtypes.
@@ -104,7 +114,7 @@ def check_tangent(fn_name: str, x: Any, v: Any, x_name: str = "x", v_name: str =
     TangentDtypeError: (a ``TypeError``) for an array leaf of another dtype, naming the leaf,
       both dtypes and the cast that fixes it.
   """
-  check_same_structure(x, v, x_name, v_name)
+  check_same_structure(x, v, x_name, v_name, hint)
 
   def fix(path, x_leaf, v_leaf):
     x_dtype, v_dtype = jnp.result_type(x_leaf), jnp.result_type(v_leaf)

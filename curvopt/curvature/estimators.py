@@ -11,6 +11,11 @@ Internally the Krylov vectors are flat arrays (:func:`jax.flatten_util.ravel_pyt
 matvec is always called on pytrees. Leaves of mixed floating dtypes are promoted to their common
 dtype for the flat arithmetic and cast back for each matvec.
 
+``like`` may be a flax ``nnx.Module``: it stands for its ``nnx.Param`` state, the space
+:func:`curvopt.hvp_fn` and :func:`curvopt.ggn_fn` build their matvecs on for a Module (pass
+``nnx.state(model, wrt)`` itself after building one with another ``wrt`` filter). Results
+shaped like ``like`` are then ``nnx.State`` objects.
+
 The ``key`` may be a typed key (``jax.random.key``), a raw one (``jax.random.PRNGKey``) or an
 int seed, as for :func:`curvopt.dp_sgd`. Every result has a ``finite`` property, ``False``
 exactly when the operator returned NaN or inf somewhere (a model that overflowed, say): the
@@ -30,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from curvopt import _checks
+from curvopt import _checks, _nnx
 
 Params = Any
 Matvec = Callable[[Any], Any]
@@ -174,6 +179,7 @@ class _Flat(NamedTuple):
 
 
 def _flatten_operator(matvec: Matvec, like: Any, fn_name: str) -> _Flat:
+  like = _nnx.state(like)  # an nnx Module stands for its nnx.Param state
   leaves = jax.tree.leaves(like)
   if not leaves:
     raise ValueError("like has no array leaves; pass a pytree shaped like the matvec's input.")
