@@ -495,8 +495,7 @@ def test_keys_int_numpy_raw_and_typed_seeds_agree():
   outs = []
   for key in [0, np.int64(0), jnp.int32(0), jax.random.key(0), jax.random.PRNGKey(0)]:
     tx = dp_aggregate(1.0, 1.0, key, expected_batch_size=2)
-    out, state = tx.update(g, tx.init(params))
-    assert jax.dtypes.issubdtype(state.key.dtype, jax.dtypes.prng_key)
+    out, _ = tx.update(g, tx.init(params))
     outs.append(np.asarray(out))
   for out in outs[1:]:
     np.testing.assert_array_equal(out, outs[0])
@@ -504,5 +503,5 @@ def test_keys_int_numpy_raw_and_typed_seeds_agree():
     dp_sgd(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, key=0.5)
   with pytest.raises(TypeError, match="key must be"):
     dp_sgd(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, key=True)
-  with pytest.raises(ValueError, match="single PRNG key"):
+  with pytest.raises(TypeError, match="single key"):
     dp_sgd(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, key=jax.random.split(jax.random.key(0)))

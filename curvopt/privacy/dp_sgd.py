@@ -19,7 +19,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from curvopt import _checks
@@ -44,29 +43,6 @@ class DPSGDState(NamedTuple):
   num_dropped: jax.Array
   last_num_dropped: jax.Array
   last_num_clipped: jax.Array
-
-
-def _as_key(key: Any) -> jax.Array:
-  """A typed PRNG key from an int seed, a typed key, or a raw ``uint32[2]`` key."""
-  if isinstance(key, bool) or (
-    not isinstance(key, jax.Array | int | np.integer)
-    and not (isinstance(key, np.ndarray) and key.dtype.kind in "iu")
-  ):
-    raise TypeError(
-      f"key must be a jax.random key (jax.random.key(0)) or an int seed; got {type(key).__name__}."
-    )
-  if jax.dtypes.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
-    if jnp.shape(key) != ():
-      raise ValueError(f"key must be a single PRNG key; got a key array of shape {key.shape}.")
-    return key
-  if jnp.shape(key) == () and jnp.issubdtype(jnp.result_type(key), jnp.integer):
-    return jax.random.key(key)
-  if jnp.shape(key) == (2,) and jnp.result_type(key) == jnp.uint32:
-    return jax.random.wrap_key_data(key)
-  raise TypeError(
-    f"key must be a jax.random key, a raw uint32[2] key, or an int seed; got an array of shape "
-    f"{jnp.shape(key)} and dtype {jnp.result_type(key)}."
-  )
 
 
 def _as_clipped_sum(updates: Any, params: Any) -> ClippedSum | None:
@@ -183,7 +159,7 @@ def dp_aggregate(
     raise ValueError(
       f"expected_batch_size must be > 0 (sample_rate * num_examples); got {expected_batch_size!r}."
     )
-  key = _as_key(key)
+  key = _checks.as_key(key)
   mode = per_layer_mode(per_layer)
 
   def init_fn(params):
