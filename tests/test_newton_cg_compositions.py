@@ -126,7 +126,7 @@ def test_flax_nnx_optimizer_converges_with_defaults(start):
     optimizer.update(model, grads, value=loss, value_fn=value_fn)
 
   budget = 3 * scipy_iterations(start)
-  for i in range(budget):
+  for i in range(budget):  # noqa: B007 (reported by the assertion below)
     train_step(model, optimizer)
     if float(jnp.linalg.norm(model.x[...] - 1.0)) <= 1e-6:
       break
