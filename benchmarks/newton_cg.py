@@ -71,12 +71,13 @@ def logistic_benchmark(repeats):
 
     def solve():
       params, state, iters = params0, tx.init(params0), 0
-      gnorm = np.inf
+      gnorm, products = np.inf, 0
       while gnorm > tol and iters < 500:
         params, state, gnorm = step(params, state)
         gnorm = float(gnorm)
+        products += int(state[0].info.cg_steps)
         iters += 1
-      return iters, gnorm
+      return iters, gnorm, products
 
     solve()  # compile
     return _median_time(solve, repeats)
@@ -92,8 +93,8 @@ def logistic_benchmark(repeats):
     warm_start=0.0,
     linesearch=ls,
   )
-  t, (iters, gnorm) = run_curvopt(hessian_tx)
-  rows.append(("curvopt newton_cg (hessian, line search)", t, iters, gnorm))
+  t, (iters, gnorm, products) = run_curvopt(hessian_tx)
+  rows.append(("curvopt newton_cg (hessian, line search)", t, iters, gnorm, products))
   lm_tx = newton_cg(
     curvature="hessian",
     damping=1e-4,
@@ -101,8 +102,18 @@ def logistic_benchmark(repeats):
     cg_max_steps=200,
     warm_start=0.0,
   )
-  t, (iters, gnorm) = run_curvopt(lm_tx)
-  rows.append(("curvopt newton_cg (hessian, LM damping, lr=1)", t, iters, gnorm))
+  t, (iters, gnorm, products) = run_curvopt(lm_tx)
+  rows.append(("curvopt newton_cg (hessian, LM damping, lr=1)", t, iters, gnorm, products))
+
+  # Default settings (only the curvature chosen), then each linear solver / preconditioner.
+  for label, extra in [
+    ("defaults", {}),
+    ("defaults, solver='nystrom'", dict(solver="nystrom")),
+    ("defaults, solver='dense'", dict(solver="dense")),
+    ("defaults, preconditioner='martens'", dict(preconditioner="martens")),
+  ]:
+    t, (iters, gnorm, products) = run_curvopt(newton_cg(curvature="hessian", **extra))
+    rows.append((f"curvopt newton_cg ({label})", t, iters, gnorm, products))
 
   lbfgs = optax.lbfgs()
 
@@ -125,7 +136,7 @@ def logistic_benchmark(repeats):
 
   lbfgs_solve()
   t, (iters, gnorm) = _median_time(lbfgs_solve, repeats)
-  rows.append(("optax.lbfgs (zoom line search)", t, iters, gnorm))
+  rows.append(("optax.lbfgs (zoom line search)", t, iters, gnorm, 0))
 
   f = jax.jit(lambda v: loss(unravel(v), x, y))
   g = jax.jit(jax.grad(lambda v: loss(unravel(v), x, y)))
@@ -159,25 +170,29 @@ def logistic_benchmark(repeats):
       method="Newton-CG",
       options={"xtol": 1e-14, "maxiter": needed},
     )
-    return res.nit, float(np.linalg.norm(jac(res.x)))
+    return res.nit, float(np.linalg.norm(jac(res.x))), res.nhev
 
-  t, (iters, gnorm) = _median_time(scipy_ncg, repeats)
-  rows.append(("scipy Newton-CG (jitted JAX grad/HVP)", t, iters, gnorm))
+  t, (iters, gnorm, products) = _median_time(scipy_ncg, repeats)
+  rows.append(("scipy Newton-CG (jitted JAX grad/HVP)", t, iters, gnorm, products))
 
   def scipy_tncg():
     res = scipy.optimize.minimize(
       fun, z, jac=jac, hessp=hessp, method="trust-ncg", options={"gtol": tol, "maxiter": 500}
     )
-    return res.nit, float(np.linalg.norm(jac(res.x)))
+    return res.nit, float(np.linalg.norm(jac(res.x))), res.nhev
 
-  t, (iters, gnorm) = _median_time(scipy_tncg, repeats)
-  rows.append(("scipy trust-ncg (jitted JAX grad/HVP)", t, iters, gnorm))
+  t, (iters, gnorm, products) = _median_time(scipy_tncg, repeats)
+  rows.append(("scipy trust-ncg (jitted JAX grad/HVP)", t, iters, gnorm, products))
 
-  ref = rows[3][1]
+  ref = next(t for name, t, *_ in rows if name.startswith("scipy Newton-CG"))
   print("\n1. Digits logistic regression (650 params, float64): wall time to ||g|| <= 1e-6")
-  print(f"{'method':48s} {'time [ms]':>10s} {'iters':>6s} {'||g||':>9s} {'vs scipy NCG':>13s}")
-  for name, t, iters, gnorm in rows:
-    print(f"{name:48s} {1e3 * t:10.1f} {iters:6d} {gnorm:9.1e} {t / ref:12.2f}x")
+  print(
+    f"{'method':48s} {'time [ms]':>10s} {'iters':>6s} {'products':>9s} {'||g||':>9s} "
+    f"{'vs scipy NCG':>13s}"
+  )
+  for name, t, iters, gnorm, products in rows:
+    print(f"{name:48s} {1e3 * t:10.1f} {iters:6d} {products:9d} {gnorm:9.1e} {t / ref:12.2f}x")
+  print("   products: curvature-vector products in all steps (dense: n per step, not counted)")
   return rows
 
 
@@ -241,7 +256,9 @@ def autoencoder_benchmark(epochs, ncg_steps, lbfgs_steps, plot):
     return jax.tree.map(lambda g: jnp.mean(g**2, axis=0), grads_i)
 
   variants = {
-    "curvopt newton_cg (GGN full)": (dict(cg_max_steps=50), ncg_steps // 2),
+    "curvopt newton_cg (GGN, defaults)": (dict(), ncg_steps // 2),
+    "curvopt newton_cg (GGN, defaults, nystrom)": (dict(solver="nystrom"), ncg_steps // 2),
+    "curvopt newton_cg (GGN, defaults, martens)": (dict(preconditioner="martens"), ncg_steps // 2),
     f"curvopt newton_cg (GGN {CURVATURE_BATCH}, tuned)": (
       dict(
         cg_max_steps=50,
@@ -254,7 +271,7 @@ def autoencoder_benchmark(epochs, ncg_steps, lbfgs_steps, plot):
     ),
   }
   for name, (kwargs, steps) in variants.items():
-    tx = newton_cg(model_fn=model_fn, loss_fn=loss_fn, damping=1.0, **kwargs)
+    tx = newton_cg(model_fn=model_fn, loss_fn=loss_fn, **kwargs)
     shuffle = "curvature_batch_size" in kwargs
 
     @jax.jit
@@ -279,7 +296,8 @@ def autoencoder_benchmark(epochs, ncg_steps, lbfgs_steps, plot):
     curves[name] = (np.arange(steps + 1), times, errors)
     print(
       f"   {name}: {cg_total / steps:.1f} CG steps per outer step, "
-      f"{1e3 * elapsed / steps:.1f} ms per step, {int(state[0].num_rejected)} rejected"
+      f"{1e3 * elapsed / steps:.1f} ms per step, {int(state[0].info.num_rejected)} rejected "
+      f"trials, {int(state[0].info.num_failed)} zero steps"
     )
 
   # Adam, mini-batches of 128, one lax.scan per epoch.

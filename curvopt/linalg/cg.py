@@ -190,7 +190,7 @@ def conjugate_gradient(
 
   Examples:
     >>> A = jnp.array([[4.0, 1.0], [1.0, 3.0]])
-    >>> result = conjugate_gradient(lambda v: A @ v, jnp.array([1.0, 2.0]), tol=1e-10)
+    >>> result = conjugate_gradient(lambda v: A @ v, jnp.array([1.0, 2.0]), tol=1e-6)
     >>> np.allclose(result.x, jnp.linalg.solve(A, jnp.array([1.0, 2.0])))
     True
     >>> int(result.num_steps), SolverStatus(int(result.status)).name

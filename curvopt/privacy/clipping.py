@@ -335,7 +335,8 @@ def clipped_grad(
 
     >>> X = jnp.array([[3.0, 4.0], [0.6, 0.0]])
     >>> mean, norms = clipped_grad(lambda w, x: w @ x, 1.0)(jnp.zeros(2), X)
-    >>> mean.round(4).tolist(), norms.round(4).tolist()
+    >>> rounded = lambda a: np.round(np.asarray(a, float), 4).tolist()
+    >>> rounded(mean), rounded(norms)
     ([0.6, 0.4], [5.0, 0.6])
 
   References:
@@ -414,7 +415,7 @@ def clip_per_example(
     >>> tx = clip_per_example(1.0)
     >>> g = {"w": jnp.array([[3.0, 4.0], [0.6, 0.0]])}
     >>> out, state = tx.update(g, tx.init({"w": jnp.zeros(2)}))
-    >>> out["w"].round(4).tolist(), int(state.last_num_clipped)
+    >>> np.round(np.asarray(out["w"], float), 4).tolist(), int(state.last_num_clipped)
     ([0.6, 0.4], 1)
   """
   _checks.check_nonnegative("l2_norm_clip", l2_norm_clip)

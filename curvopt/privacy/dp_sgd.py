@@ -97,7 +97,7 @@ def dp_aggregate(
     >>> tx = dp_aggregate(1.0, 0.0, key=0, expected_batch_size=4)
     >>> g = jnp.array([[3.0, 4.0], [0.6, 0.0]])
     >>> out, state = tx.update(g, tx.init(jnp.zeros(2)))
-    >>> out.round(4).tolist()
+    >>> np.round(np.asarray(out, float), 4).tolist()
     [0.3, 0.2]
 
   References:
@@ -190,7 +190,7 @@ def dp_sgd(
     >>> params = jnp.zeros(2)
     >>> g = jnp.array([[3.0, 4.0], [0.6, 0.0]])
     >>> updates, state = opt.update(g, opt.init(params), params)
-    >>> updates.round(4).tolist()
+    >>> np.round(np.asarray(updates, float), 4).tolist()
     [-0.3, -0.2]
 
   References:
