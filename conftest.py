@@ -1,4 +1,7 @@
-"""Doctest namespace and test-wide JAX settings."""
+"""Test-wide JAX settings: float64 for the test suite, JAX's defaults for doctests, and a
+persistent compilation cache shared by every test process."""
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -7,12 +10,28 @@ import pytest
 
 import curvopt
 
+# Programs compiled once (the launcher's training loops, the solvers) are reused across tests
+# and across runs of the suite; the directory can be moved with CURVOPT_COMPILATION_CACHE.
+jax.config.update(
+  "jax_compilation_cache_dir",
+  os.environ.get("CURVOPT_COMPILATION_CACHE")
+  or os.path.join(os.path.expanduser("~"), ".cache", "curvopt", "jax-tests"),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+# Tests (and the constants their modules build at import) use float64 where they ask for it.
+jax.config.update("jax_enable_x64", True)
+
 
 @pytest.fixture(autouse=True)
-def _doctest_namespace(doctest_namespace):
+def _precision(request, doctest_namespace):
+  """The suite checks float32 and float64 side by side, so tests run with x64 enabled (each
+  test picks its dtypes explicitly; float32 arrays stay float32). Doctests run in JAX's default
+  mode, as users' code does."""
   doctest_namespace.update(jax=jax, jnp=jnp, np=np, curvopt=curvopt)
-
-
-# The suite checks float32 and float64 side by side: enable x64 once, and let each test pick
-# its dtype explicitly (float32 arrays stay float32 with x64 on).
-jax.config.update("jax_enable_x64", True)
+  is_doctest = isinstance(request.node, pytest.DoctestItem)
+  previous = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", not is_doctest)
+  yield
+  jax.config.update("jax_enable_x64", previous)

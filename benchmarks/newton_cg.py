@@ -11,10 +11,14 @@
    permutation, as in Martens 2010, with Martens' diagonal preconditioner from 128 of those
    examples, damping floor 1e-3 and every finite step accepted), Adam (mini-batch 128, lr sweep)
    and optax.lbfgs (full batch). The data are jit arguments for every method (closing
-   over them as constants made XLA's CPU code for the CG loop ~2.7x slower).
+   over them as constants made XLA's CPU code for the CG loop ~2.7x slower). Newton-CG with
+   default settings, with the Nyström solver and with Martens' preconditioner are listed
+   too, with curvature products and time per step.
+3. First-call (trace + compile) time of one jitted training step, Newton-CG variants vs Adam.
 
-Usage: python benchmarks/newton_cg.py [--quick] [--only {logistic,autoencoder}]
-       [--plot benchmarks/results/newton_cg.png]
+Usage: PYTHONPATH=$PWD python benchmarks/newton_cg.py [--quick]
+       [--only {logistic,autoencoder,compile}] [--plot benchmarks/results/newton_cg.png]
+The machine is shared: run one part at a time, and read time ratios as noisy.
 """
 
 import argparse
@@ -71,12 +75,13 @@ def logistic_benchmark(repeats):
 
     def solve():
       params, state, iters = params0, tx.init(params0), 0
-      gnorm = np.inf
+      gnorm, products = np.inf, 0
       while gnorm > tol and iters < 500:
         params, state, gnorm = step(params, state)
         gnorm = float(gnorm)
+        products += int(state[0].info.cg_steps)
         iters += 1
-      return iters, gnorm
+      return iters, gnorm, products
 
     solve()  # compile
     return _median_time(solve, repeats)
@@ -92,8 +97,8 @@ def logistic_benchmark(repeats):
     warm_start=0.0,
     linesearch=ls,
   )
-  t, (iters, gnorm) = run_curvopt(hessian_tx)
-  rows.append(("curvopt newton_cg (hessian, line search)", t, iters, gnorm))
+  t, (iters, gnorm, products) = run_curvopt(hessian_tx)
+  rows.append(("curvopt newton_cg (hessian, line search)", t, iters, gnorm, products))
   lm_tx = newton_cg(
     curvature="hessian",
     damping=1e-4,
@@ -101,8 +106,18 @@ def logistic_benchmark(repeats):
     cg_max_steps=200,
     warm_start=0.0,
   )
-  t, (iters, gnorm) = run_curvopt(lm_tx)
-  rows.append(("curvopt newton_cg (hessian, LM damping, lr=1)", t, iters, gnorm))
+  t, (iters, gnorm, products) = run_curvopt(lm_tx)
+  rows.append(("curvopt newton_cg (hessian, LM damping, lr=1)", t, iters, gnorm, products))
+
+  # Default settings (only the curvature chosen), then each linear solver / preconditioner.
+  for label, extra in [
+    ("defaults", {}),
+    ("defaults, solver='nystrom'", dict(solver="nystrom")),
+    ("defaults, solver='dense'", dict(solver="dense")),
+    ("defaults, preconditioner='martens'", dict(preconditioner="martens")),
+  ]:
+    t, (iters, gnorm, products) = run_curvopt(newton_cg(curvature="hessian", **extra))
+    rows.append((f"curvopt newton_cg ({label})", t, iters, gnorm, products))
 
   lbfgs = optax.lbfgs()
 
@@ -125,7 +140,7 @@ def logistic_benchmark(repeats):
 
   lbfgs_solve()
   t, (iters, gnorm) = _median_time(lbfgs_solve, repeats)
-  rows.append(("optax.lbfgs (zoom line search)", t, iters, gnorm))
+  rows.append(("optax.lbfgs (zoom line search)", t, iters, gnorm, 0))
 
   f = jax.jit(lambda v: loss(unravel(v), x, y))
   g = jax.jit(jax.grad(lambda v: loss(unravel(v), x, y)))
@@ -159,25 +174,29 @@ def logistic_benchmark(repeats):
       method="Newton-CG",
       options={"xtol": 1e-14, "maxiter": needed},
     )
-    return res.nit, float(np.linalg.norm(jac(res.x)))
+    return res.nit, float(np.linalg.norm(jac(res.x))), res.nhev
 
-  t, (iters, gnorm) = _median_time(scipy_ncg, repeats)
-  rows.append(("scipy Newton-CG (jitted JAX grad/HVP)", t, iters, gnorm))
+  t, (iters, gnorm, products) = _median_time(scipy_ncg, repeats)
+  rows.append(("scipy Newton-CG (jitted JAX grad/HVP)", t, iters, gnorm, products))
 
   def scipy_tncg():
     res = scipy.optimize.minimize(
       fun, z, jac=jac, hessp=hessp, method="trust-ncg", options={"gtol": tol, "maxiter": 500}
     )
-    return res.nit, float(np.linalg.norm(jac(res.x)))
+    return res.nit, float(np.linalg.norm(jac(res.x))), res.nhev
 
-  t, (iters, gnorm) = _median_time(scipy_tncg, repeats)
-  rows.append(("scipy trust-ncg (jitted JAX grad/HVP)", t, iters, gnorm))
+  t, (iters, gnorm, products) = _median_time(scipy_tncg, repeats)
+  rows.append(("scipy trust-ncg (jitted JAX grad/HVP)", t, iters, gnorm, products))
 
-  ref = rows[3][1]
+  ref = next(t for name, t, *_ in rows if name.startswith("scipy Newton-CG"))
   print("\n1. Digits logistic regression (650 params, float64): wall time to ||g|| <= 1e-6")
-  print(f"{'method':48s} {'time [ms]':>10s} {'iters':>6s} {'||g||':>9s} {'vs scipy NCG':>13s}")
-  for name, t, iters, gnorm in rows:
-    print(f"{name:48s} {1e3 * t:10.1f} {iters:6d} {gnorm:9.1e} {t / ref:12.2f}x")
+  print(
+    f"{'method':48s} {'time [ms]':>10s} {'iters':>6s} {'products':>9s} {'||g||':>9s} "
+    f"{'vs scipy NCG':>13s}"
+  )
+  for name, t, iters, gnorm, products in rows:
+    print(f"{name:48s} {1e3 * t:10.1f} {iters:6d} {products:9d} {gnorm:9.1e} {t / ref:12.2f}x")
+  print("   products: curvature-vector products in all steps (dense: n per step, not counted)")
   return rows
 
 
@@ -241,7 +260,9 @@ def autoencoder_benchmark(epochs, ncg_steps, lbfgs_steps, plot):
     return jax.tree.map(lambda g: jnp.mean(g**2, axis=0), grads_i)
 
   variants = {
-    "curvopt newton_cg (GGN full)": (dict(cg_max_steps=50), ncg_steps // 2),
+    "curvopt newton_cg (GGN, defaults)": (dict(), ncg_steps // 2),
+    "curvopt newton_cg (GGN, defaults, nystrom)": (dict(solver="nystrom"), ncg_steps // 2),
+    "curvopt newton_cg (GGN, defaults, martens)": (dict(preconditioner="martens"), ncg_steps // 2),
     f"curvopt newton_cg (GGN {CURVATURE_BATCH}, tuned)": (
       dict(
         cg_max_steps=50,
@@ -254,7 +275,7 @@ def autoencoder_benchmark(epochs, ncg_steps, lbfgs_steps, plot):
     ),
   }
   for name, (kwargs, steps) in variants.items():
-    tx = newton_cg(model_fn=model_fn, loss_fn=loss_fn, damping=1.0, **kwargs)
+    tx = newton_cg(model_fn=model_fn, loss_fn=loss_fn, **kwargs)
     shuffle = "curvature_batch_size" in kwargs
 
     @jax.jit
@@ -279,7 +300,8 @@ def autoencoder_benchmark(epochs, ncg_steps, lbfgs_steps, plot):
     curves[name] = (np.arange(steps + 1), times, errors)
     print(
       f"   {name}: {cg_total / steps:.1f} CG steps per outer step, "
-      f"{1e3 * elapsed / steps:.1f} ms per step, {int(state[0].num_rejected)} rejected"
+      f"{1e3 * elapsed / steps:.1f} ms per step, {int(state[0].info.num_rejected)} rejected "
+      f"trials, {int(state[0].info.num_failed)} zero steps"
     )
 
   # Adam, mini-batches of 128, one lax.scan per epoch.
@@ -382,15 +404,81 @@ def autoencoder_benchmark(epochs, ncg_steps, lbfgs_steps, plot):
   return curves
 
 
+# ------------------------------------------------------------------------- 3. compile time
+
+
+def compile_benchmark():
+  """First-call cost of one jitted training step: trace + lower, and XLA compile, separately.
+
+  On the autoencoder of part 2 (GGN, full batch). Variants switch off one part of the
+  Newton-CG step at a time, to see what dominates: the retry loop around the solve, the
+  reduction ratio (loss evaluations), the CG loop (replaced by a closed-form user solve), the
+  Martens preconditioner (per-example gradients).
+  """
+  x = jnp.asarray(load_digits().data / 16.0)
+  params0 = _init_autoencoder(jax.random.PRNGKey(0))
+  value_fn = value_fn_from_model(model_fn, loss_fn)
+  scaled_identity = lambda matvec, b, lam: optax.tree.scale(1.0 / (1.0 + lam), b)
+  variants = {
+    "adam": lambda: optax.adam(1e-3),
+    "newton_cg defaults": lambda: newton_cg(model_fn=model_fn, loss_fn=loss_fn),
+    "  no retries (max_retries=0)": lambda: newton_cg(
+      model_fn=model_fn, loss_fn=loss_fn, max_retries=0
+    ),
+    "  no rho (adapt_damping=False, accept_ratio=None)": lambda: newton_cg(
+      model_fn=model_fn, loss_fn=loss_fn, adapt_damping=False, accept_ratio=None
+    ),
+    "  no CG loop (closed-form user solve)": lambda: newton_cg(
+      model_fn=model_fn, loss_fn=loss_fn, solver=scaled_identity
+    ),
+    "  + martens preconditioner": lambda: newton_cg(
+      model_fn=model_fn, loss_fn=loss_fn, preconditioner="martens"
+    ),
+    "  solver='nystrom'": lambda: newton_cg(model_fn=model_fn, loss_fn=loss_fn, solver="nystrom"),
+  }
+  print("\n3. First call of a jitted training step (autoencoder, GGN): seconds")
+  print(f"{'variant':52s} {'trace+lower':>12s} {'compile':>8s} {'total':>7s} {'vs adam':>8s}")
+  adam_total = None
+  for name, make in variants.items():
+    tx = make()
+    is_adam = name == "adam"
+
+    def step(params, state, x, tx=tx, is_adam=is_adam):
+      value, grads = jax.value_and_grad(value_fn)(params, x=x)
+      if is_adam:
+        updates, state = tx.update(grads, state, params)
+      else:
+        updates, state = tx.update(grads, state, params, value=value, x=x)
+      return optax.apply_updates(params, updates), state
+
+    state = tx.init(params0)
+    t0 = time.perf_counter()
+    lowered = jax.jit(step).lower(params0, state, x)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    jax.block_until_ready(compiled(params0, state, x))
+    t3 = time.perf_counter()
+    total = t3 - t0
+    adam_total = total if is_adam else adam_total
+    print(f"{name:52s} {t1 - t0:12.2f} {t2 - t1:8.2f} {total:7.2f} {total / adam_total:7.1f}x")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
   parser.add_argument("--plot", default=None, help="PNG path for the autoencoder curves")
   parser.add_argument(
-    "--only", choices=("logistic", "autoencoder"), default=None, help="run one part only"
+    "--only",
+    choices=("logistic", "autoencoder", "compile"),
+    default=None,
+    help="run one part only",
   )
   args = parser.parse_args()
   print(f"jax {jax.__version__}, optax {optax.__version__}, device {jax.devices()[0]}")
+  if args.only == "compile":
+    compile_benchmark()
+    return
   if args.only != "autoencoder":
     logistic_benchmark(repeats=3 if args.quick else 5)
   if args.only == "logistic":

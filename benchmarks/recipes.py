@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvopt.autodiff.implicit import fixed_point
+from curvopt.autodiff.implicit import fixed_point, fixed_point_solve
 from curvopt.recipes.meta import maml_loss
 from curvopt.recipes.targets import td0_loss
 
@@ -58,12 +58,21 @@ def fixed_point_table(batch, dim, num_iters, repeats):
     return jnp.sum(x**2)
 
   def implicit(tol):
+    # tol=1e-30 never converges on purpose (it times all iterations): no warning for it. The
+    # converging run keeps the default status check (on_failure="warn", a host callback).
+    on_failure = "ignore" if tol < 1e-20 else "warn"
+
     def loss(params):
-      return jnp.sum(fixed_point(_tanh_step, params, x0, tol=tol, max_iter=num_iters).value ** 2)
+      x = fixed_point(_tanh_step, params, x0, tol=tol, max_iter=num_iters, on_failure=on_failure)
+      return jnp.sum(x**2)
 
     return loss
 
-  iters = lambda tol: int(fixed_point(_tanh_step, params, x0, tol=tol, max_iter=num_iters)[1])
+  iters = lambda tol: int(
+    fixed_point_solve(
+      _tanh_step, params, x0, tol=tol, max_iter=num_iters, on_failure="ignore"
+    ).num_iters
+  )
   rows = [("unrolled backprop", unrolled, num_iters)]
   rows.append(("fixed_point, tol=1e-30 (all iters)", implicit(1e-30), iters(1e-30)))
   rows.append(("fixed_point, tol=1e-6", implicit(1e-6), iters(1e-6)))

@@ -28,7 +28,14 @@ from curvopt.autodiff.derivatives import (
   jmp,
   mjp,
 )
-from curvopt.autodiff.implicit import FixedPointSolution, fixed_point
+from curvopt.autodiff.implicit import (
+  FixedPointSolution,
+  NonConvergenceError,
+  NonConvergenceWarning,
+  fixed_point,
+  fixed_point_solve,
+)
+from curvopt.autodiff.operators import divergence, hessian_diagonal, laplacian
 from curvopt.curvature import estimators
 from curvopt.curvature.estimators import (
   EigenResult,
@@ -44,8 +51,17 @@ from curvopt.curvature.estimators import (
 )
 from curvopt.curvature.products import empirical_fisher_fn, ggn_fn, ggn_vp, hvp, hvp_fn
 from curvopt.linalg.cg import CG_STATUSES, CGResult, conjugate_gradient
+from curvopt.linalg.dense import dense_solve
+from curvopt.linalg.nystrom import (
+  NystromApproximation,
+  nystrom_approximation,
+  nystrom_cg,
+  nystrom_preconditioner,
+)
+from curvopt.linalg.status import SolverStatus
 from curvopt.optimizers.newton_cg import (
   CurvatureFn,
+  NewtonCGInfo,
   NewtonCGState,
   newton_cg,
   scale_by_newton_cg,
@@ -67,14 +83,18 @@ from curvopt.recipes.targets import lambda_returns, td0_loss, td_target
 __version__ = "0.1.0"
 
 
+def __getattr__(name: str):
+  # The launcher's parts need the `experiments` extras: imported on first use only.
+  if name == "experiment":
+    import importlib
+
+    return importlib.import_module("curvopt.experiment")
+  raise AttributeError(f"module 'curvopt' has no attribute {name!r}")
+
+
 __all__ = [
-  "autodiff",
-  "curvature",
-  "linalg",
-  "optimizers",
-  "recipes",
-  "CG_STATUSES",
   "CGResult",
+  "CG_STATUSES",
   "ClipPerExampleState",
   "ClippedSum",
   "CurvatureFn",
@@ -83,9 +103,15 @@ __all__ = [
   "FixedPointSolution",
   "LanczosResult",
   "MamlAux",
+  "NewtonCGInfo",
   "NewtonCGState",
+  "NonConvergenceError",
+  "NonConvergenceWarning",
+  "NystromApproximation",
+  "SolverStatus",
   "SpectralDensity",
   "TraceEstimate",
+  "autodiff",
   "batch_hessian",
   "batch_jacobian",
   "clip_gradient",
@@ -93,16 +119,21 @@ __all__ = [
   "clipped_grad",
   "clipped_sum_fn",
   "conjugate_gradient",
+  "curvature",
+  "dense_solve",
+  "divergence",
   "dp_aggregate",
   "dp_sgd",
   "empirical_fisher_fn",
   "empirical_ntk",
   "estimators",
   "fixed_point",
-  "ghost",
+  "fixed_point_solve",
   "ggn_fn",
   "ggn_vp",
+  "ghost",
   "hessian",
+  "hessian_diagonal",
   "hutchinson_diagonal",
   "hutchinson_trace",
   "hutchpp_trace",
@@ -115,12 +146,19 @@ __all__ = [
   "jmp",
   "lambda_returns",
   "lanczos",
+  "laplacian",
+  "linalg",
   "log1pexp",
   "maml_loss",
   "mjp",
   "newton_cg",
+  "nystrom_approximation",
+  "nystrom_cg",
+  "nystrom_preconditioner",
+  "optimizers",
   "per_example_grads",
   "privacy",
+  "recipes",
   "scale_by_newton_cg",
   "sharding",
   "spectral_density",

@@ -10,7 +10,7 @@ captured as constants. Results shaped like ``params`` come back as ``nnx.State``
 """
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -68,3 +68,50 @@ def pure(f: Callable[..., Any], x: Any, wrt: Any = None) -> tuple[Callable[..., 
     return f, x
   params, merge = split(x, wrt)
   return (lambda p, *args, **kwargs: f(merge(p), *args, **kwargs)), params
+
+
+def state(x: Any, wrt: Any = None) -> Any:
+  """The ``wrt`` state (``nnx.Param`` by default) of a Module; anything else unchanged.
+
+  This is the space :func:`pure` differentiates in, so a Module can stand for the point (or
+  for ``like`` in the estimators) wherever a pytree shaped like the params is expected.
+  """
+  if not is_module(x):
+    return x
+  from flax import nnx  # noqa: PLC0415 (flax is optional: imported only for Modules)
+
+  return nnx.state(x, nnx.Param if wrt is None else wrt)
+
+
+def pure_argnums(
+  f: Callable[..., Any], args: tuple[Any, ...], argnums: int | Sequence[int], wrt: Any = None
+) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+  """Like :func:`pure` for the Modules among ``args[argnums]`` (as ``jax.grad``'s argnums).
+
+  Returns:
+    ``(f_pure, args)`` where each Module at a position in ``argnums`` is replaced by its
+    ``wrt`` state, and ``f_pure`` merges it back before calling ``f``; ``(f, args)`` unchanged
+    when there is no such Module.
+
+  Raises:
+    TypeError: if ``wrt`` is given but no differentiated argument is an nnx Module.
+  """
+  positions = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+  merges = {}
+  args = list(args)
+  for i in positions:
+    if is_module(args[i]):
+      args[i], merges[i] = split(args[i], wrt)
+  if not merges:
+    if wrt is not None:
+      raise TypeError(
+        "wrt= selects the differentiated state of an nnx.Module, but no differentiated "
+        "argument is a Module; drop wrt= for plain pytrees."
+      )
+    return f, tuple(args)
+
+  def f_pure(*a, **kwargs):
+    a = [merges[i](v) if i in merges else v for i, v in enumerate(a)]
+    return f(*a, **kwargs)
+
+  return f_pure, tuple(args)

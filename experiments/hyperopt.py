@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvopt.autodiff.implicit import fixed_point
+from curvopt.autodiff.implicit import fixed_point_solve
 from curvopt.experiment.tasks import Task, as_dtype
 
 
@@ -103,7 +103,9 @@ class Hyperopt(Task):
     if variant == "unrolled":
       steps = unroll_steps or self.cfg.unroll_steps
       return jax.lax.scan(lambda w, _: (self.gd_map(log_lambda, w), None), w0, None, steps)[0]
-    return fixed_point(self.gd_map, log_lambda, w0, tol=self.cfg.tol, max_iter=self.cfg.max_iter)
+    return fixed_point_solve(
+      self.gd_map, log_lambda, w0, tol=self.cfg.tol, max_iter=self.cfg.max_iter
+    )
 
   def objective(self, variant, unroll_steps=None):
     def outer_loss(params):

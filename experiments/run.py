@@ -8,14 +8,12 @@ of 256 split over 4 devices) or ``configs/quickstart_sharded.yaml`` (every devic
 """
 
 import importlib
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from curvopt.experiment.runner import TaskEntry, main
 
-from curvopt.experiment.runner import TaskEntry, main  # noqa: E402
-
-# task name -> module in experiments/ defining `Config` (schema) and `build(cfg, dtype)`.
+# task name -> module of the `experiments` package defining `Config` (schema) and
+# `build(cfg, dtype)`; `pip install -e .` makes the package importable from anywhere.
 TASK_MODULES = {
   "logreg": "logreg",
   "autoencoder": "autoencoder",
@@ -30,7 +28,7 @@ TASK_MODULES = {
 
 def _loader(module_name: str):
   def load() -> TaskEntry:
-    module = importlib.import_module(module_name)
+    module = importlib.import_module(f"experiments.{module_name}")
     return TaskEntry(schema=module.Config, build=module.build)
 
   return load

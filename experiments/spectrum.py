@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import jax
 import numpy as np
-from classification import Classification, Model
 
 from curvopt.curvature import estimators, products
+from experiments.classification import Classification, Model
 
 
 @dataclass
@@ -61,7 +61,7 @@ class Spectrum(Classification):
   summary_metrics = ("trace", "test_accuracy", "train_loss")
 
   def __init__(self, cfg: Config, dtype):
-    from classification import Activation
+    from experiments.classification import Activation
 
     inner = _ClassificationConfig(
       Model.mlp, cfg.hidden, cfg.batch_size, cfg.test_fraction, cfg.split_seed, Activation.tanh

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvopt.curvature import products
 from curvopt.experiment.tasks import Task, as_dtype, dense_init, mlp_apply
 from curvopt.recipes.targets import td0_loss
 
@@ -113,22 +112,12 @@ class TD(Task):
   def objective(self, variant):
     return self.residual_loss if variant == "residual_gradient" else self.loss
 
-  def newton_cg_args(self, variant, curvature):
-    if curvature != "ggn":
-      return {}
+  def gauss_newton_split(self, variant):
     if variant == "residual_gradient":
-      return {
-        "model_fn": self.td_errors,
-        "loss_fn": lambda delta: 0.5 * jnp.mean(delta**2),
-      }
-
-    def stop_gradient_ggn(params, objective, data):
-      del objective
-      return products.ggn_fn(
-        lambda p: self.value(p, data["s_tm1"]), lambda v: 0.5 * jnp.mean(v**2), params
-      )
-
-    return {"curvature": stop_gradient_ggn}
+      return self.td_errors, lambda delta: 0.5 * jnp.mean(delta**2)
+    # Semi-gradient TD: the target is a constant, so the Gauss-Newton matrix of
+    # 0.5 * mean((target - v(s_tm1))**2) is that of 0.5 * mean(v(s_tm1)**2).
+    return (lambda params, s_tm1: self.value(params, s_tm1)), lambda v: 0.5 * jnp.mean(v**2)
 
   def evaluate(self, params):
     v = self.value(params, jnp.arange(self.cfg.num_states))

@@ -1,7 +1,7 @@
 """Tests of the experiment launcher: config validation, runs, outputs, plots, resume."""
 
+import collections
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,20 +14,11 @@ import pytest
 from curvopt.experiment import config as config_lib
 from curvopt.experiment import optimizers as opt_lib
 from curvopt.experiment import runner
+from experiments import run as RUN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_PY = os.path.join(ROOT, "experiments", "run.py")
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
-
-
-def _load_run_module():
-  spec = importlib.util.spec_from_file_location("curvopt_experiments_run", RUN_PY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-RUN = _load_run_module()  # also puts experiments/ on sys.path (task modules import each other)
 
 
 def _load(source, overrides=()):
@@ -126,8 +117,22 @@ def test_overrides_reach_the_validated_config():
 
 
 # Keep the task-specific reports small in the smoke runs (they compile extra programs).
+# Smaller models and fewer unrolled steps: every code path of each config, a fraction of the
+# compile time (which dominates these runs).
 SMOKE_OVERRIDES = {
-  "maml_sinusoid.yaml": ["task.memory_inner_steps=[1]", "task.eval_tasks=8", "task.meta_batch=4"],
+  "maml_sinusoid.yaml": [
+    "task.memory_inner_steps=[1]",
+    "task.eval_tasks=8",
+    "task.meta_batch=4",
+    "task.hidden=[8]",
+    "task.imaml_inner_steps=2",
+    "task.eval_inner_steps=2",
+    "task.cg_steps=2",
+  ],
+  "autoencoder_digits.yaml": ["task.encoder=[64, 8, 2]"],
+  "cnn_digits.yaml": ["task.channels=[2, 2]", "task.batch_size=64"],
+  "mlp_digits.yaml": ["task.hidden=[8]"],
+  "td0_random_walk.yaml": ["task.hidden=[4]", "task.num_episodes=10"],
   "hyperopt_ridge.yaml": ["task.report_unroll_steps=[5]"],
   "spectrum_mlp.yaml": ["task.lanczos_iters=8", "task.density_iters=8", "task.trace_samples=2"],
 }
@@ -204,14 +209,22 @@ def test_metrics_match_an_independent_computation(tmp_path):
 
 
 def test_one_compilation_per_optimiser(tmp_path):
-  runner.TRACE_COUNTS.clear()
+  traces = collections.Counter()
   # 4 chunks of steps (one of length 1) for each of two seeds: still one trace per optimiser.
   cfg = _load(_quick(), ["budget.steps=7", "eval_every=2", "seeds=[0, 1]"])
-  _run(cfg, tmp_path)
-  assert dict(runner.TRACE_COUNTS) == {"adam": 1, "lbfgs": 1}
+  _run(cfg, tmp_path, hooks=runner.RunHooks(on_trace=lambda label: traces.update([label])))
+  assert dict(traces) == {"adam": 1, "lbfgs": 1}
 
 
-def test_resume_after_injected_interruption_matches_uninterrupted(tmp_path, monkeypatch):
+def _interrupt_after(n):
+  def after_eval(num_evals):
+    if num_evals >= n:
+      raise KeyboardInterrupt
+
+  return runner.RunHooks(after_eval=after_eval)
+
+
+def test_resume_after_injected_interruption_matches_uninterrupted(tmp_path):
   # SGD, then DP-SGD (a PRNG key in its state); interrupted during DP-SGD's run.
   overrides = [
     "budget.steps=8",
@@ -222,10 +235,10 @@ def test_resume_after_injected_interruption_matches_uninterrupted(tmp_path, monk
   run_dir = str(tmp_path / "b")
   os.makedirs(run_dir)
   # 8th evaluation = DP-SGD at step 4: logged, not yet checkpointed (the last one is at 2).
-  monkeypatch.setattr(runner, "_INTERRUPT_AFTER_EVALS", 8)
   with pytest.raises(KeyboardInterrupt):
-    _run(_load(_quick("cut"), overrides), tmp_path / "b", run_dir=run_dir)
-  monkeypatch.setattr(runner, "_INTERRUPT_AFTER_EVALS", 0)
+    _run(
+      _load(_quick("cut"), overrides), tmp_path / "b", run_dir=run_dir, hooks=_interrupt_after(8)
+    )
   logged = [
     (r["optimizer"], r["step"]) for r in runner.records.read_metrics(f"{run_dir}/metrics.jsonl")
   ]
@@ -258,11 +271,22 @@ def test_resume_after_kill_9_matches_uninterrupted(tmp_path):
   ]
   # x64 as in this process (conftest), so the in-process reference run computes identically.
   env = dict(os.environ, JAX_ENABLE_X64="1")
-  kill_env = dict(env, CURVOPT_EXPERIMENT_KILL_AFTER_EVALS="10")
   quick = os.path.join(ROOT, "configs", "quickstart.yaml")
+  # The launcher's own main(), with a hook that kills the process (kill -9) at the 10th
+  # evaluation.
+  kill_script = (
+    "import os, sys\n"
+    "from curvopt.experiment import runner\n"
+    "from experiments import run\n"
+    "def after_eval(n):\n"
+    "  if n >= 10:\n"
+    "    os.kill(os.getpid(), 9)\n"
+    "hooks = runner.RunHooks(after_eval=after_eval)\n"
+    "sys.exit(runner.main(sys.argv[1:], tasks=run.TASKS, hooks=hooks))\n"
+  )
   killed = subprocess.run(
-    [sys.executable, RUN_PY, quick, *args],
-    env=kill_env,
+    [sys.executable, "-c", kill_script, quick, *args],
+    env=env,
     capture_output=True,
     text=True,
     timeout=300,
@@ -306,7 +330,7 @@ def test_dp_sgd_logs_the_privacy_spent(tmp_path):
 
 
 def test_random_walk_true_values_solve_the_bellman_equation():
-  import td
+  from experiments import td
 
   cfg = td.Config(num_states=7, left_reward=-1.0)
   task = td.build(cfg, np.float64)
@@ -324,7 +348,7 @@ def test_random_walk_true_values_solve_the_bellman_equation():
 
 
 def test_hyperopt_implicit_hypergradient_matches_the_closed_form():
-  import hyperopt
+  from experiments import hyperopt
 
   task = hyperopt.build(hyperopt.Config(), np.float64)
   params = task.init_params(None)

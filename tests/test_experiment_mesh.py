@@ -8,8 +8,8 @@ are the same launcher on one device (``mesh.num_devices=1``), an uninterrupted r
 resumed one, and the compiled program's HLO for where the reductions are.
 """
 
+import collections
 import contextlib
-import importlib.util
 import io
 import json
 import math
@@ -47,10 +47,9 @@ CONFIG = {
 
 
 def _load_run_module():
-  spec = importlib.util.spec_from_file_location("curvopt_experiments_run_mesh", RUN_PY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from experiments import run
+
+  return run
 
 
 def _records(run_dir):
@@ -61,11 +60,11 @@ def _records(run_dir):
 # ------------------------------------------------------------------- the sharded subprocess
 
 
-def _cli(main, tasks, args):
+def _cli(main, tasks, args, hooks=None):
   """Runs the launcher's command line; returns (exit status, stderr, stdout)."""
   err, out = io.StringIO(), io.StringIO()
   with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-    status = main(args, tasks=tasks)
+    status = main(args, tasks=tasks, hooks=hooks)
   return status, err.getvalue(), out.getvalue()
 
 
@@ -90,28 +89,35 @@ def _sharded_main(out_dir):
     yaml.safe_dump(CONFIG, f)
   facts = {"runs": {}, "errors": {}}
 
-  def launch(tag, *overrides):
+  def launch(tag, *overrides, hooks=None):
     output_dir = os.path.join(out_dir, tag)
-    status, err, out = _cli(run.main, run.TASKS, [path, f"output_dir={output_dir}", *overrides])
+    cli = [path, f"output_dir={output_dir}", *overrides]
+    status, err, out = _cli(run.main, run.TASKS, cli, hooks)
     assert status == 0, err
     facts["runs"][tag] = {"dir": _run_dir(output_dir), "stdout": out}
 
   launch("single", "mesh.num_devices=1")
-  runner.TRACE_COUNTS.clear()
-  launch("sharded", f"mesh.num_devices={NUM_DEVICES}")
-  facts["trace_counts"] = dict(runner.TRACE_COUNTS)
+  traces = collections.Counter()
+  launch(
+    "sharded",
+    f"mesh.num_devices={NUM_DEVICES}",
+    hooks=runner.RunHooks(on_trace=lambda label: traces.update([label])),
+  )
+  facts["trace_counts"] = dict(traces)
   launch("all_devices", "mesh.num_devices=null", "optimizers=[{name: newton_cg, cg_max_steps: 10}]")
 
   # Interrupted after the 3rd evaluation (a checkpoint at step 2 exists), then resumed.
-  runner._INTERRUPT_AFTER_EVALS = 3
+  def after_eval(num_evals):
+    if num_evals >= 3:
+      raise KeyboardInterrupt
+
   output_dir = os.path.join(out_dir, "resumed")
   cli = [path, f"output_dir={output_dir}", f"mesh.num_devices={NUM_DEVICES}"]
   try:
-    _cli(run.main, run.TASKS, cli)
+    _cli(run.main, run.TASKS, cli, runner.RunHooks(after_eval=after_eval))
     raise AssertionError("the run was not interrupted")
   except KeyboardInterrupt:
     pass
-  runner._INTERRUPT_AFTER_EVALS = 0
   resumed = _run_dir(output_dir)
   facts["interrupted_records"] = len(_records(resumed))
   status, err, _ = _cli(run.main, run.TASKS, ["--resume", resumed])

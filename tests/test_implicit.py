@@ -1,16 +1,84 @@
 """Tests for curvopt.implicit.fixed_point: tutorial numbers, unrolled references, status."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import grad, jit, vmap
 from jax.test_util import check_grads
 
-from curvopt.autodiff.implicit import FixedPointSolution, fixed_point
+from curvopt.autodiff.implicit import (
+  FixedPointSolution,
+  NonConvergenceError,
+  NonConvergenceWarning,
+  fixed_point,
+  fixed_point_solve,
+)
 
 
 def _newton_sqrt(a, **kwargs):
-  return fixed_point(lambda a, x: 0.5 * (x + a / x), a, a, **kwargs).value
+  return fixed_point(lambda a, x: 0.5 * (x + a / x), a, a, **kwargs)
+
+
+# The JAX tutorial "Custom derivative rules", section on fixed_point, verbatim.
+def newton_sqrt(a):
+  update = lambda a, x: 0.5 * (x + a / x)
+  return fixed_point(update, a, a)
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_tutorial_newton_sqrt_as_the_tutorial_writes_it(x64):
+  # Each line of the tutorial, with what it prints (float32) or the float64 closed form.
+  with jax.enable_x64(x64):
+    rtol = 1e-12 if x64 else 1e-6
+    assert abs(float(newton_sqrt(2.0)) - np.sqrt(2.0)) <= rtol * np.sqrt(2.0)
+    np.testing.assert_allclose(
+      jit(vmap(newton_sqrt))(jnp.array([1.0, 2.0, 3.0, 4.0])), np.sqrt([1, 2, 3, 4]), rtol=rtol
+    )
+    np.testing.assert_allclose(grad(newton_sqrt)(2.0), 0.5 / np.sqrt(2.0), rtol=rtol)
+    np.testing.assert_allclose(grad(grad(newton_sqrt))(2.0), -0.25 * 2.0**-1.5, rtol=10 * rtol)
+    # The tutorial's printed float32 values.
+    if not x64:
+      assert newton_sqrt(2.0).dtype == jnp.float32
+      assert str(newton_sqrt(2.0)) == "1.4142135"
+      assert str(grad(newton_sqrt)(2.0)) == "0.35355338"
+
+
+def test_returns_a_pytree_like_x_init_usable_in_arithmetic():
+  # The issue's second failing line: jnp.sum(fixed_point(f, p, x0) ** 2).
+  params, x0 = _tanh_problem()
+  x = fixed_point(_tanh_map, params, x0, tol=1e-13)
+  assert jax.tree.structure(x) == jax.tree.structure(x0)
+  for fx_leaf, x_leaf in zip(
+    jax.tree.leaves(_tanh_map(params, x)), jax.tree.leaves(x), strict=True
+  ):
+    np.testing.assert_allclose(fx_leaf, x_leaf, rtol=1e-12, atol=1e-13)
+  p, v0 = jnp.array([1.0, 2.0]), jnp.zeros(2)
+  f = lambda p, x: 0.5 * x + p  # x* = 2p
+  assert float(jnp.sum(fixed_point(f, p, v0) ** 2)) == pytest.approx(20.0, rel=1e-5)
+  np.testing.assert_allclose(
+    grad(lambda p: jnp.sum(fixed_point(f, p, v0, tol=1e-14) ** 2))(p), 8 * p, rtol=1e-12
+  )
+
+
+def test_fixed_point_solve_returns_the_status_and_the_same_value():
+  params, x0 = _tanh_problem()
+  sol = fixed_point_solve(_tanh_map, params, x0, tol=1e-13)
+  assert isinstance(sol, FixedPointSolution)
+  assert sol._fields == ("value", "num_iters", "converged", "error")
+  assert bool(sol.converged) and 0 < int(sol.num_iters) < 200
+  assert float(sol.error) <= 1e-13 * 2
+  for a, b in zip(
+    jax.tree.leaves(sol.value),
+    jax.tree.leaves(fixed_point(_tanh_map, params, x0, tol=1e-13)),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)
+  readout = lambda p: _readout(fixed_point_solve(_tanh_map, p, x0, tol=1e-13).value)
+  want = jax.grad(lambda p: _readout(_unrolled(p, x0)))(params)
+  np.testing.assert_allclose(jax.grad(readout)(params)["b"], want["b"], rtol=1e-10)
 
 
 def test_newton_sqrt_tutorial_numbers_float32():
@@ -67,11 +135,8 @@ def _readout(x):
 
 def test_pytree_gradient_matches_unrolled_backprop():
   params, x0 = _tanh_problem()
-  implicit_loss = lambda p: _readout(fixed_point(_tanh_map, p, x0, tol=1e-13).value)
+  implicit_loss = lambda p: _readout(fixed_point(_tanh_map, p, x0, tol=1e-13))
   unrolled_loss = lambda p: _readout(_unrolled(p, x0))
-  sol = fixed_point(_tanh_map, params, x0, tol=1e-13)
-  assert isinstance(sol, FixedPointSolution)
-  assert bool(sol.converged) and int(sol.num_iters) < 200
   np.testing.assert_allclose(implicit_loss(params), unrolled_loss(params), rtol=1e-12)
   got, want = jax.grad(implicit_loss)(params), jax.grad(unrolled_loss)(params)
   for path, g in jax.tree_util.tree_leaves_with_path(got):
@@ -87,7 +152,7 @@ def test_pytree_second_derivative_matches_unrolled():
   def loss(b, solve):
     return _readout(solve({**params, "b": b}))
 
-  implicit = lambda b: loss(b, lambda p: fixed_point(_tanh_map, p, x0, tol=1e-13).value)
+  implicit = lambda b: loss(b, lambda p: fixed_point(_tanh_map, p, x0, tol=1e-13))
   unrolled = lambda b: loss(b, lambda p: _unrolled(p, x0))
   hess_implicit = jax.jacrev(jax.grad(implicit))(params["b"])
   hess_unrolled = jax.hessian(unrolled)(params["b"])
@@ -101,10 +166,10 @@ def test_closed_over_tracers_are_differentiated():
   def closed(W):
     f = lambda a, x: _tanh_map({**a, "W": W}, x)
     rest = {k: v for k, v in params.items() if k != "W"}
-    return _readout(fixed_point(f, rest, x0, tol=1e-13).value)
+    return _readout(fixed_point(f, rest, x0, tol=1e-13))
 
   def explicit(W):
-    return _readout(fixed_point(_tanh_map, {**params, "W": W}, x0, tol=1e-13).value)
+    return _readout(fixed_point(_tanh_map, {**params, "W": W}, x0, tol=1e-13))
 
   want = jax.grad(explicit)(params["W"])
   assert np.abs(want).max() > 1e-3
@@ -122,19 +187,90 @@ def test_closed_over_tracers_are_differentiated():
   )
 
 
-def test_non_convergence_is_reported():
-  sol = fixed_point(lambda a, x: 2.0 * x + a, 1.0, jnp.float32(1.0), max_iter=30)
+def test_non_convergence_status():
+  quiet = dict(on_failure="ignore")
+  sol = fixed_point_solve(lambda a, x: 2.0 * x + a, 1.0, jnp.float32(1.0), max_iter=30, **quiet)
   assert not bool(sol.converged) and int(sol.num_iters) == 30 and float(sol.error) > 1.0
   # A NaN stops the loop early and is reported as not converged.
-  sol = fixed_point(lambda a, x: jnp.log(x - a), 5.0, jnp.float64(1.0))
+  sol = fixed_point_solve(lambda a, x: jnp.log(x - a), 5.0, jnp.float64(1.0), **quiet)
   assert not bool(sol.converged) and int(sol.num_iters) < 1000
   # A slow contraction given too few iterations.
-  sol = jax.jit(lambda a: fixed_point(lambda a, x: 0.999 * x + a, a, jnp.zeros(3), max_iter=5))(
-    jnp.ones(3)
+  solve = lambda a: fixed_point_solve(
+    lambda a, x: 0.999 * x + a, a, jnp.zeros(3), max_iter=5, **quiet
   )
+  sol = jax.jit(solve)(jnp.ones(3))
   assert not bool(sol.converged) and int(sol.num_iters) == 5
-  ok = fixed_point(lambda a, x: 0.5 * x + a, 1.0, jnp.float64(0.0), tol=1e-10)
+  ok = fixed_point_solve(lambda a, x: 0.5 * x + a, 1.0, jnp.float64(0.0), tol=1e-10)
   assert bool(ok.converged) and abs(float(ok.value) - 2.0) < 1e-9
+
+
+_DIVERGES = lambda a, x: 2.0 * x + a
+_SLOW = lambda a, x: 0.999 * x + a
+
+
+@pytest.mark.parametrize("transform", ["eager", "jit", "vmap", "grad", "solve"])
+def test_non_convergence_warns_by_default(transform):
+  fns = {
+    "eager": lambda a: fixed_point(_DIVERGES, a, jnp.ones(2), max_iter=30),
+    "jit": jax.jit(lambda a: fixed_point(_DIVERGES, a, jnp.ones(2), max_iter=30)),
+    "vmap": jax.vmap(lambda a: fixed_point(lambda a, x: a * x + 1.0, a, 0.0, max_iter=30)),
+    "grad": jax.grad(lambda a: fixed_point(_SLOW, a, jnp.ones(2), max_iter=5).sum()),
+    "solve": lambda a: fixed_point_solve(_DIVERGES, a, jnp.ones(2), max_iter=30).value,
+  }
+  # vmap: a = 0.5 and 0.1 contract, a = 1.5 does not: one warning, for the failed element.
+  arg = jnp.array([0.5, 1.5, 0.1]) if transform == "vmap" else jnp.ones(2)
+  with pytest.warns(NonConvergenceWarning) as record:
+    jax.block_until_ready(fns[transform](arg))
+  messages = [str(r.message) for r in record]
+  assert any("forward solve did not converge" in m for m in messages)
+  if transform == "grad":  # the adjoint solve contracts as slowly: it is reported too
+    assert len(messages) == 2 and "adjoint (backward) solve did not converge" in messages[1]
+  else:
+    assert len(messages) == 1
+  if transform == "vmap":
+    assert len(record) == 1 and "max_iter=30" in str(record[0].message)
+
+
+def test_adjoint_non_convergence_warns():
+  # x_init is the exact fixed point (x* = a / 0.001), so the forward solve converges at once;
+  # the adjoint iteration contracts at 0.999 and cannot converge in 5 steps.
+  a = jnp.array([1.0, 2.0])
+  loss = lambda a: fixed_point(_SLOW, a, a / 0.001, max_iter=5).sum()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert float(loss(a)) == pytest.approx(3000.0)
+  with pytest.warns(NonConvergenceWarning, match="adjoint"):
+    jax.block_until_ready(jax.grad(loss)(a))
+
+
+def test_non_convergence_raises_on_request():
+  with pytest.raises(NonConvergenceError, match="did not converge"):
+    fixed_point(_DIVERGES, 1.0, jnp.ones(2), max_iter=30, on_failure="raise")
+  jitted = jax.jit(
+    lambda a: fixed_point(_DIVERGES, a, jnp.ones(2), max_iter=30, on_failure="raise")
+  )
+  with pytest.raises(RuntimeError, match="forward solve did not converge"):
+    jax.block_until_ready(jitted(1.0))
+  nan = lambda a, x: jnp.log(x - a)
+  with pytest.raises(NonConvergenceError, match="non-finite value after"):
+    fixed_point(nan, 5.0, jnp.float64(1.0), on_failure="raise")
+
+
+def test_converged_and_ignored_solves_are_silent():
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    jax.block_until_ready(jax.grad(grad(newton_sqrt))(2.0))
+    jax.block_until_ready(jax.jit(jax.vmap(newton_sqrt))(jnp.arange(1.0, 5.0)))
+    fixed_point(_DIVERGES, 1.0, jnp.ones(2), max_iter=30, on_failure="ignore")
+    jax.grad(lambda a: fixed_point(_SLOW, a, a / 0.001, max_iter=5, on_failure="ignore").sum())(
+      jnp.ones(2)
+    )
+
+
+def test_python_scalar_x_init_takes_fs_dtype():
+  a = jnp.float32(2.0)  # float32 params, x64 on, x_init a Python float
+  x = fixed_point(lambda a, x: 0.5 * (x + a / x), a, 1.0)
+  assert x.dtype == jnp.float32 and abs(float(x) - np.sqrt(2.0)) < 1e-6
 
 
 def test_no_recompilation_across_parameter_values():
@@ -158,7 +294,7 @@ def test_backward_memory_does_not_grow_with_iterations():
     compiled = jax.jit(jax.grad(loss)).lower(params).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
-  implicit = lambda n: lambda p: _readout(fixed_point(_tanh_map, p, x0, max_iter=n).value)
+  implicit = lambda n: lambda p: _readout(fixed_point(_tanh_map, p, x0, max_iter=n))
   unrolled = lambda n: lambda p: _readout(_unrolled(p, x0, n))
   assert temp_bytes(implicit(10)) == temp_bytes(implicit(1000))
   assert temp_bytes(unrolled(1000)) - temp_bytes(unrolled(10)) >= 990 * 6 * 8
@@ -173,3 +309,5 @@ def test_misuse_errors():
     fixed_point(lambda a, x: jnp.concatenate([x, x]), 1.0, jnp.zeros(2))
   with pytest.raises(ValueError, match="dtype"):
     fixed_point(lambda a, x: x.astype(jnp.float32), 1.0, jnp.zeros(2, jnp.float64))
+  with pytest.raises(ValueError, match="on_failure"):
+    fixed_point(lambda a, x: x, 1.0, 1.0, on_failure="silent")

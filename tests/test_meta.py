@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from curvopt.linalg.status import SolverStatus
 from curvopt.recipes.meta import MamlAux, maml_loss
 
 
@@ -383,3 +384,41 @@ def test_has_aux_reports_inner_residual(implicit):
     np.testing.assert_allclose(aux.inner_grad_norm, want, rtol=1e-10)
     residuals.append(float(aux.inner_grad_norm))
   assert residuals[1] < 1e-3 * residuals[0]
+
+
+def test_imaml_reports_the_implicit_cg_solve():
+  # The aux CG result solves the backward system (I + H/λ)u = ∇L_query(φ*): its x is the
+  # meta-gradient; too few CG steps show up as MAX_STEPS with a large residual.
+  rng = np.random.default_rng(4)
+  loss_fn, theta, support, query = _imaml_setup(rng)
+  lam = 1.5
+  prox = lambda phi: loss_fn(phi, support) + 0.5 * lam * jnp.sum((phi - theta) ** 2)
+  phi_star = _newton_minimise(prox, theta)
+  H = np.asarray(jax.hessian(loss_fn)(phi_star, support))
+  want = np.linalg.solve(np.eye(4) + H / lam, jax.grad(loss_fn)(phi_star, query))
+  for cg_steps, status in ((10, SolverStatus.RESIDUAL), (2, SolverStatus.MAX_STEPS)):
+    meta_loss = maml_loss(
+      loss_fn,
+      inner_lr=0.3,
+      inner_steps=300,
+      implicit=True,
+      proximal_lambda=lam,
+      cg_steps=cg_steps,
+      has_aux=True,
+    )
+    grad, aux = jax.jit(jax.grad(meta_loss, has_aux=True))(theta, support, query)
+    solve = aux.implicit_solve
+    assert int(solve.status) == status
+    np.testing.assert_allclose(solve.x, grad, rtol=1e-10)  # the same solve as the backward pass
+    rhs = np.asarray(jax.grad(loss_fn)(phi_star, query))
+    true_residual = np.linalg.norm(rhs - (np.eye(4) + H / lam) @ np.asarray(grad))
+    np.testing.assert_allclose(
+      solve.relative_residual, true_residual / np.linalg.norm(rhs), rtol=1e-4, atol=1e-12
+    )
+    if status == SolverStatus.RESIDUAL:
+      np.testing.assert_allclose(grad, want, rtol=1e-9)
+      assert int(solve.num_steps) <= 5 and float(solve.min_curvature) > 0
+    else:
+      assert float(solve.relative_residual) > 1e-4
+  _, aux = maml_loss(loss_fn, inner_lr=0.3, has_aux=True)(theta, support, query)
+  assert aux.implicit_solve is None

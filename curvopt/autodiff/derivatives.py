@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from curvopt import _checks
+from curvopt import _checks, _nnx
 
 JacobianMode = Literal["auto", "fwd", "rev"]
 HessianMode = Literal["fwd_rev", "rev_rev", "fwd_fwd", "rev_fwd"]
@@ -49,6 +49,7 @@ def jacobian(
   mode: JacobianMode = "auto",
   has_aux: bool = False,
   holomorphic: bool = False,
+  wrt: Any = None,
 ) -> Callable[..., Any]:
   r"""Returns a function computing the Jacobian of ``f``, in the cheaper mode by default.
 
@@ -60,12 +61,18 @@ def jacobian(
 
   The result has the structure of ``jax.jacrev(f, argnums)``'s, whichever mode runs.
 
+  A differentiated argument may be a flax ``nnx.Module``: the Jacobian is then taken with
+  respect to its ``nnx.Param`` state (or the state the nnx filter ``wrt`` selects), other
+  state held fixed, and its trailing structure is that ``nnx.State``'s.
+
   Args:
     f: function of pytrees to differentiate.
     argnums: which positional argument(s) to differentiate with respect to.
     mode: ``"auto"``, ``"fwd"`` or ``"rev"``.
     has_aux: whether ``f`` returns ``(output, aux)``.
     holomorphic: whether ``f`` is holomorphic (as in ``jax.jacrev``).
+    wrt: for Module arguments, the nnx filter of the differentiated state (default
+      ``nnx.Param``).
 
   Returns:
     A function with ``f``'s signature returning the Jacobian (and ``aux`` if ``has_aux``).
@@ -77,21 +84,24 @@ def jacobian(
   """
   _checks.check_choice("mode", mode, JACOBIAN_MODES)
   kwargs = dict(argnums=argnums, has_aux=has_aux, holomorphic=holomorphic)
-  if mode == "fwd":
-    return jax.jacfwd(f, **kwargs)
-  if mode == "rev":
-    return jax.jacrev(f, **kwargs)
 
-  @functools.wraps(f)
-  def auto_jacobian(*args, **f_kwargs):
-    out = jax.eval_shape(f, *args, **f_kwargs)
+  def build(g, args, f_kwargs):
+    if mode == "fwd":
+      return jax.jacfwd(g, **kwargs)
+    if mode == "rev":
+      return jax.jacrev(g, **kwargs)
+    out = jax.eval_shape(g, *args, **f_kwargs)
     if has_aux:
       out = out[0]
     tall = _num_elements(out) > _num_elements(_select(args, argnums))
-    transform = jax.jacfwd if tall else jax.jacrev
-    return transform(f, **kwargs)(*args, **f_kwargs)
+    return (jax.jacfwd if tall else jax.jacrev)(g, **kwargs)
 
-  return auto_jacobian
+  @functools.wraps(f)
+  def jacobian_fn(*args, **f_kwargs):
+    g, args = _nnx.pure_argnums(f, args, argnums, wrt)
+    return build(g, args, f_kwargs)(*args, **f_kwargs)
+
+  return jacobian_fn
 
 
 def hessian(
@@ -101,6 +111,7 @@ def hessian(
   mode: HessianMode = "fwd_rev",
   has_aux: bool = False,
   holomorphic: bool = False,
+  wrt: Any = None,
 ) -> Callable[..., Any]:
   r"""Returns a function computing the Hessian of ``f`` by a chosen composition of modes.
 
@@ -109,12 +120,16 @@ def hessian(
   cheap in reverse mode, and its square Jacobian is built by forward mode without storing a
   second tape), ``"rev_rev"``, ``"fwd_fwd"`` and ``"rev_fwd"`` the other three.
 
+  A differentiated argument may be a flax ``nnx.Module``, as in :func:`jacobian`.
+
   Args:
     f: scalar function to differentiate twice.
     argnums: which positional argument(s) to differentiate with respect to.
     mode: ``"fwd_rev"``, ``"rev_rev"``, ``"fwd_fwd"`` or ``"rev_fwd"``.
     has_aux: whether ``f`` returns ``(output, aux)``.
     holomorphic: whether ``f`` is holomorphic.
+    wrt: for Module arguments, the nnx filter of the differentiated state (default
+      ``nnx.Param``).
 
   Returns:
     A function with ``f``'s signature returning the Hessian, structured like
@@ -127,7 +142,13 @@ def hessian(
   _checks.check_choice("mode", mode, HESSIAN_MODES)
   outer, inner = (jax.jacfwd if part == "fwd" else jax.jacrev for part in mode.split("_"))
   kwargs = dict(argnums=argnums, has_aux=has_aux, holomorphic=holomorphic)
-  return outer(inner(f, **kwargs), **kwargs)
+
+  @functools.wraps(f)
+  def hessian_fn(*args, **f_kwargs):
+    g, args = _nnx.pure_argnums(f, args, argnums, wrt)
+    return outer(inner(g, **kwargs), **kwargs)(*args, **f_kwargs)
+
+  return hessian_fn
 
 
 def _check_batched_array(name: str, x: Any) -> None:
@@ -424,6 +445,7 @@ def empirical_ntk(
   x2: jax.Array,
   *,
   method: NtkMethod = "auto",
+  wrt: Any = None,
 ) -> jax.Array:
   r"""Empirical neural tangent kernel ``Θ[i, j] = J_θ f(x1_i) J_θ f(x2_j)ᵀ``.
 
@@ -439,12 +461,18 @@ def empirical_ntk(
 
   ``"auto"`` uses the contraction for scalar outputs and the products otherwise.
 
+  ``params`` may be a flax ``nnx.Module`` (with ``apply_fn(module, batch)``): the kernel is
+  then taken over its ``nnx.Param`` state, or the state the nnx filter ``wrt`` selects. Put a
+  model with BatchNorm in evaluation mode (``model.eval()``) first, so that each example's
+  output depends on that example only.
+
   Args:
     apply_fn: ``(params, batch) -> outputs`` with leading batch axis.
-    params: any pytree.
+    params: any pytree, or an ``nnx.Module``.
     x1: first batch, ``(B1, ...)``.
     x2: second batch, ``(B2, ...)``.
     method: ``"auto"``, ``"jacobian_contraction"`` or ``"ntk_vector_products"``.
+    wrt: for a Module, the nnx filter of the differentiated state (default ``nnx.Param``).
 
   Returns:
     ``(B1, B2, *out, *out)``, or ``(B1, B2)`` when each example's output is a scalar.
@@ -463,6 +491,7 @@ def empirical_ntk(
   _checks.check_choice("method", method, NTK_METHODS)
   _check_batched_array("empirical_ntk", x1)
   _check_batched_array("empirical_ntk", x2)
+  apply_fn, params = _nnx.pure(apply_fn, params, wrt)
   out = jax.eval_shape(apply_fn, params, x1)
   out_shape = tuple(out.shape[1:])
   if method == "auto":

@@ -14,18 +14,53 @@ solve calls the same differentiable solver, ``grad(grad(...))`` works too.
 """
 
 import functools
+import logging
+import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from curvopt import _checks
+
 FixedPointFn = Callable[[Any, Any], Any]
+OnFailure = Literal["warn", "raise", "ignore"]
+ON_FAILURE = ("warn", "raise", "ignore")
+
+
+class NonConvergenceWarning(RuntimeWarning):
+  """Issued by :func:`fixed_point` when a solve stops before meeting its tolerance.
+
+  Filter it like any warning, e.g. ``warnings.simplefilter("error", NonConvergenceWarning)``,
+  or pass ``on_failure="ignore"`` (or ``"raise"``) to the call.
+  """
+
+
+class NonConvergenceError(RuntimeError):
+  """Raised by :func:`fixed_point` with ``on_failure="raise"`` when a solve does not converge.
+
+  Under ``jax.jit`` JAX re-raises it as a ``jax.errors.JaxRuntimeError`` (also a
+  ``RuntimeError``) whose message carries this one.
+  """
+
+
+class _DropOwnCallbackLog(logging.Filter):
+  """Drops JAX's "jax.debug.callback failed" log record when the failure is our own error."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, NonConvergenceError)
+
+
+# The error already reaches the caller; JAX would also log it with a traceback.
+logging.getLogger("jax._src.debugging").addFilter(_DropOwnCallbackLog())
 
 
 class FixedPointSolution(NamedTuple):
-  r"""Result of :func:`fixed_point`.
+  r"""Result of :func:`fixed_point_solve`.
 
   Attributes:
     value: the fixed point :math:`x^\star` (``x_init``'s structure), differentiable in ``a``.
@@ -63,14 +98,46 @@ def _iterate(f, tol, max_iter, a, x_init):
   return jax.lax.while_loop(cond, body, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fixed_point(f, tol, max_iter, a, x_init):
+def _report(on_failure, solve, tol, max_iter, done, num_iters, err):
+  """Host side of the status check: warn or raise when the solve failed.
+
+  Under ``vmap`` JAX calls it once per batch element.
+  """
+  if np.all(done):
+    return
+  num_iters, err = int(np.max(num_iters)), float(np.max(err))
+  if np.isfinite(err):
+    how = (
+      f"it stopped after max_iter={max_iter} evaluations with a last step of {err:.3g} "
+      f"(tol={tol:g}, relative)"
+    )
+  else:
+    how = f"it reached a non-finite value after {num_iters} evaluations"
+  message = (
+    f"fixed_point: the {solve} did not converge: {how}. Raise max_iter (or tol), check that "
+    "f(a, .) is a contraction near the solution, or pass on_failure='ignore' and read the "
+    "status from fixed_point_solve."
+  )
+  if on_failure == "raise":
+    raise NonConvergenceError(message)
+  warnings.warn(message, NonConvergenceWarning, stacklevel=2)
+
+
+def _check_status(on_failure, solve, tol, max_iter, done, num_iters, err):
+  if on_failure != "ignore":
+    callback = functools.partial(_report, on_failure, solve, tol, max_iter)
+    jax.debug.callback(callback, done, num_iters, err)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _fixed_point(f, tol, max_iter, on_failure, solve, a, x_init):
   num_iters, x_star, done, err = _iterate(f, tol, max_iter, a, x_init)
+  _check_status(on_failure, solve, tol, max_iter, done, num_iters, err)
   return x_star, num_iters, done, err
 
 
-def _fixed_point_fwd(f, tol, max_iter, a, x_init):
-  out = _fixed_point(f, tol, max_iter, a, x_init)
+def _fixed_point_fwd(f, tol, max_iter, on_failure, solve, a, x_init):
+  out = _fixed_point(f, tol, max_iter, on_failure, solve, a, x_init)
   return out, (a, out[0], x_init)
 
 
@@ -82,11 +149,15 @@ def _rev_iter(f, packed, u):
   return optax.tree.add(x_bar, vjp_x(u)[0])
 
 
-def _fixed_point_bwd(f, tol, max_iter, res, cotangents):
+def _fixed_point_bwd(f, tol, max_iter, on_failure, solve, res, cotangents):
+  del solve
   a, x_star, x_init = res
   x_bar = cotangents[0]
   _, vjp_a = jax.vjp(lambda a: f(a, x_star), a)
-  u = _fixed_point(functools.partial(_rev_iter, f), tol, max_iter, (a, x_star, x_bar), x_bar)[0]
+  adjoint = functools.partial(_rev_iter, f)
+  u = _fixed_point(
+    adjoint, tol, max_iter, on_failure, "adjoint (backward) solve", (a, x_star, x_bar), x_bar
+  )[0]
   (a_bar,) = vjp_a(u)
   return a_bar, optax.tree.zeros_like(x_init)
 
@@ -106,10 +177,88 @@ def _check_same_shapes(x_init: Any, fx: Any) -> None:
     )
 
 
-def fixed_point(
-  f: FixedPointFn, a: Any, x_init: Any, *, tol: float = 1e-6, max_iter: int = 1000
+def _adopt_weak_dtypes(x_init: Any, fx: Any) -> Any:
+  """Python-scalar leaves of ``x_init`` (weakly typed) take the dtype ``f`` returns for them."""
+  if jax.tree.structure(x_init) != jax.tree.structure(fx):
+    return x_init
+
+  def adopt(x, out):
+    weak = getattr(getattr(x, "aval", None), "weak_type", False) or isinstance(x, int | float)
+    return jnp.asarray(x, out.dtype) if weak and jnp.shape(x) == out.shape else x
+
+  return jax.tree.map(adopt, x_init, fx)
+
+
+def fixed_point_solve(
+  f: FixedPointFn,
+  a: Any,
+  x_init: Any,
+  *,
+  tol: float = 1e-6,
+  max_iter: int = 1000,
+  on_failure: OnFailure = "warn",
 ) -> FixedPointSolution:
-  r"""Solves :math:`x = f(a, x)` by iteration, differentiably in ``a``.
+  r"""Solves :math:`x = f(a, x)` like :func:`fixed_point`, and also returns the solver status.
+
+  The same solve and the same implicit-function-theorem gradient as :func:`fixed_point` (see
+  there for the maths); only the return value differs. Only ``value`` is differentiable; the
+  status fields are constants to ``jax.grad``.
+
+  Args:
+    f: ``(a, x) -> x``, mapping ``x_init``'s pytree structure, shapes and dtypes to itself.
+    a: parameters, any pytree of arrays.
+    x_init: starting point, any pytree of floating arrays.
+    tol: relative stopping tolerance (positive).
+    max_iter: maximal number of evaluations of ``f`` per solve (positive int).
+    on_failure: what a solve that stops unconverged does, as in :func:`fixed_point`:
+      ``"warn"`` (default), ``"raise"`` or ``"ignore"`` (when you read ``converged``).
+
+  Returns:
+    A :class:`FixedPointSolution` ``(value, num_iters, converged, error)`` of the forward solve.
+
+  Examples:
+    A divergent map, reported in the status (and not warned about, on request):
+
+    >>> sol = fixed_point_solve(
+    ...     lambda a, x: 2.0 * x + a, 1.0, 1.0, max_iter=50, on_failure="ignore")
+    >>> bool(sol.converged), int(sol.num_iters)
+    (False, 50)
+    >>> sol = fixed_point_solve(lambda a, x: 0.5 * x + a, 1.0, 0.0)
+    >>> bool(sol.converged), round(float(sol.value), 4)
+    (True, 2.0)
+  """
+  if not (isinstance(tol, int | float) and not isinstance(tol, bool) and tol > 0):
+    raise ValueError(f"fixed_point needs a positive float tol; got tol={tol!r}.")
+  if not (isinstance(max_iter, int) and not isinstance(max_iter, bool) and max_iter > 0):
+    raise ValueError(f"fixed_point needs a positive int max_iter; got max_iter={max_iter!r}.")
+  _checks.check_choice("on_failure", on_failure, ON_FAILURE)
+  x_init = jax.tree.map(jnp.asarray, x_init)
+  x_init = _adopt_weak_dtypes(x_init, jax.eval_shape(f, a, x_init))
+  _check_same_shapes(x_init, jax.eval_shape(f, a, x_init))
+  tol = float(tol)
+  converted, consts = jax.closure_convert(f, a, x_init)
+  forward = "forward solve"
+  if consts:
+    # Traced values closed over by f become explicit differentiable parameters.
+    consts = tuple(consts)
+    f_explicit = lambda ac, x: converted(ac[0], x, *ac[1])
+    out = _fixed_point(f_explicit, tol, max_iter, on_failure, forward, (a, consts), x_init)
+  else:
+    out = _fixed_point(converted, tol, max_iter, on_failure, forward, a, x_init)
+  x_star, num_iters, done, err = out
+  return FixedPointSolution(x_star, num_iters, done, jax.lax.stop_gradient(err))
+
+
+def fixed_point(
+  f: FixedPointFn,
+  a: Any,
+  x_init: Any,
+  *,
+  tol: float = 1e-6,
+  max_iter: int = 1000,
+  on_failure: OnFailure = "warn",
+) -> Any:
+  r"""The solution of :math:`x = f(a, x)`, by iteration, differentiable in ``a``.
 
   Forward: :math:`x_{k+1} = f(a, x_k)` from ``x_init`` inside :func:`jax.lax.while_loop`,
   stopping when :math:`\max_i |x_{k+1} - x_k|_i \le \mathrm{tol}\cdot\max(1, \max_i
@@ -121,9 +270,18 @@ def fixed_point(
   does not depend on it). Forward-mode (``jvp``) differentiation is not defined.
 
   The solve converges when :math:`f(a, \cdot)` is a contraction near :math:`x^\star`; the
-  adjoint iteration then contracts at the same rate. Check ``converged`` (or ``error``):
-  the forward solve never fails silently. The backward solve uses the same ``tol`` and
-  ``max_iter``; its iteration count is not reported.
+  adjoint iteration then contracts at the same rate, with the same ``tol`` and ``max_iter``.
+
+  **Non-convergence is reported, never silent.** A forward or adjoint (backward) solve that
+  stops before its tolerance (``max_iter`` reached, or a non-finite value) triggers, through
+  :func:`jax.debug.callback` (so also under ``jit``, ``vmap`` and ``grad``), with
+  ``on_failure="warn"`` (default) a :class:`NonConvergenceWarning`; with ``"raise"`` a
+  :class:`NonConvergenceError` (under ``jit`` JAX re-raises it as a
+  ``jax.errors.JaxRuntimeError`` carrying the message; both are ``RuntimeError``); with
+  ``"ignore"`` nothing. (This is the runtime-error style of ``equinox.error_if`` and
+  ``jax.experimental.checkify``, without the need to wrap the caller.) To read the status
+  (``converged``, ``num_iters``, ``error``) as arrays, call :func:`fixed_point_solve`, which
+  runs the same solve.
 
   Parameters of ``f`` that you differentiate should be passed through ``a``. Values that
   ``f`` closes over and that are being traced (e.g. a weight matrix that an outer
@@ -134,48 +292,47 @@ def fixed_point(
   Args:
     f: ``(a, x) -> x``, mapping ``x_init``'s pytree structure, shapes and dtypes to itself.
     a: parameters, any pytree of arrays.
-    x_init: starting point, any pytree of floating arrays.
+    x_init: starting point, any pytree of floating arrays (Python scalars take the dtype
+      ``f`` returns).
     tol: relative stopping tolerance (positive).
-    max_iter: maximal number of evaluations of ``f`` (positive int).
+    max_iter: maximal number of evaluations of ``f`` per solve (positive int).
+    on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what an unconverged solve
+      does (see above).
 
   Returns:
-    A :class:`FixedPointSolution` ``(value, num_iters, converged, error)``.
+    The fixed point :math:`x^\star`, a pytree shaped like ``x_init``.
 
   Raises:
-    ValueError: for a non-positive ``tol`` or ``max_iter``, or if ``f(a, x_init)`` is not
-      shaped like ``x_init``.
+    ValueError: for a non-positive ``tol`` or ``max_iter``, an unknown ``on_failure``, or if
+      ``f(a, x_init)`` is not shaped like ``x_init``.
 
   Examples:
-    The tutorial's Newton square root, :math:`x = (x + a/x)/2`, so
-    :math:`x^\star = \sqrt a`, :math:`\tfrac{d}{da}\sqrt a = 1/(2\sqrt a)` and
+    The JAX tutorial's Newton square root, as the tutorial writes it:
+    :math:`x = (x + a/x)/2`, so :math:`x^\star = \sqrt a`,
+    :math:`\tfrac{d}{da}\sqrt a = 1/(2\sqrt a)` and
     :math:`\tfrac{d^2}{da^2}\sqrt a = -1/(4 a^{3/2})`:
 
-    >>> newton_sqrt = lambda a: fixed_point(lambda a, x: 0.5 * (x + a / x), a, a).value
-    >>> a = jnp.float32(2.0)
-    >>> [round(float(v), 6) for v in (newton_sqrt(a), jax.grad(newton_sqrt)(a))]
-    [1.414214, 0.353553]
-    >>> round(float(jax.grad(jax.grad(newton_sqrt))(a)), 6)
+    >>> def newton_sqrt(a):
+    ...   update = lambda a, x: 0.5 * (x + a / x)
+    ...   return fixed_point(update, a, a)
+    >>> round(float(newton_sqrt(2.)), 6)
+    1.414214
+    >>> round(float(jax.grad(newton_sqrt)(2.)), 6)
+    0.353553
+    >>> round(float(jax.grad(jax.grad(newton_sqrt))(2.)), 6)
     -0.088388
-    >>> sol = fixed_point(lambda a, x: 2.0 * x + a, 1.0, jnp.float32(1.0), max_iter=50)
-    >>> bool(sol.converged), int(sol.num_iters)   # diverges: reported, not silent
-    (False, 50)
+    >>> jax.jit(jax.vmap(newton_sqrt))(jnp.array([1., 4., 9.])).round(6).tolist()
+    [1.0, 2.0, 3.0]
+
+    A map that does not contract is reported:
+
+    >>> fixed_point(  # doctest: +IGNORE_EXCEPTION_DETAIL
+    ...     lambda a, x: 2.0 * x + a, 1.0, 1.0, max_iter=50, on_failure="raise")
+    Traceback (most recent call last):
+    NonConvergenceError: fixed_point: the forward solve did not converge: it stopped after ...
 
   References:
     Blondel et al., "Efficient and modular implicit differentiation", NeurIPS 2022.
     JAX documentation, "Custom derivative rules" (``fixed_point`` and ``rev_iter``).
   """
-  if not (isinstance(tol, int | float) and tol > 0):
-    raise ValueError(f"fixed_point needs a positive float tol; got tol={tol!r}.")
-  if not (isinstance(max_iter, int) and max_iter > 0):
-    raise ValueError(f"fixed_point needs a positive int max_iter; got max_iter={max_iter!r}.")
-  x_init = jax.tree.map(jnp.asarray, x_init)
-  _check_same_shapes(x_init, jax.eval_shape(f, a, x_init))
-  converted, consts = jax.closure_convert(f, a, x_init)
-  if consts:
-    # Traced values closed over by f become explicit differentiable parameters.
-    consts = tuple(consts)
-    f_explicit = lambda ac, x: converted(ac[0], x, *ac[1])
-    x_star, num_iters, done, err = _fixed_point(f_explicit, tol, max_iter, (a, consts), x_init)
-  else:
-    x_star, num_iters, done, err = _fixed_point(converted, tol, max_iter, a, x_init)
-  return FixedPointSolution(x_star, num_iters, done, jax.lax.stop_gradient(err))
+  return fixed_point_solve(f, a, x_init, tol=tol, max_iter=max_iter, on_failure=on_failure).value

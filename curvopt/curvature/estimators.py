@@ -11,6 +11,16 @@ Internally the Krylov vectors are flat arrays (:func:`jax.flatten_util.ravel_pyt
 matvec is always called on pytrees. Leaves of mixed floating dtypes are promoted to their common
 dtype for the flat arithmetic and cast back for each matvec.
 
+``like`` may be a flax ``nnx.Module``: it stands for its ``nnx.Param`` state, the space
+:func:`curvopt.hvp_fn` and :func:`curvopt.ggn_fn` build their matvecs on for a Module (pass
+``nnx.state(model, wrt)`` itself after building one with another ``wrt`` filter). Results
+shaped like ``like`` are then ``nnx.State`` objects.
+
+The ``key`` may be a typed key (``jax.random.key``), a raw one (``jax.random.PRNGKey``) or an
+int seed, as for :func:`curvopt.dp_sgd`. Every result has a ``finite`` property, ``False``
+exactly when the operator returned NaN or inf somewhere (a model that overflowed, say): the
+numbers are then not usable, and the flag says so without a check of each array.
+
 Iteration counts larger than the dimension :math:`n` of the space are **clamped** to :math:`n`
 with a ``UserWarning`` (a Krylov space of a matrix of size :math:`n` has at most :math:`n`
 dimensions); the arrays returned then have length :math:`n`.
@@ -25,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from curvopt import _checks
+from curvopt import _checks, _nnx
 
 Params = Any
 Matvec = Callable[[Any], Any]
@@ -43,6 +53,15 @@ class TraceEstimate(NamedTuple):
 
   estimate: jax.Array
   stderr: jax.Array
+
+  @property
+  def finite(self) -> jax.Array:
+    """Whether the estimate is finite: ``False`` iff a matvec product was NaN or inf.
+
+    Every product enters ``estimate`` through a sum, so a non-finite one always shows here
+    (an operator whose model overflowed, say); the estimate is then not usable.
+    """
+    return jnp.isfinite(self.estimate)
 
 
 class LanczosResult(NamedTuple):
@@ -63,6 +82,15 @@ class LanczosResult(NamedTuple):
   next_beta: jax.Array
   basis: Any
 
+  @property
+  def finite(self) -> jax.Array:
+    """Whether every coefficient is finite: ``False`` iff a matvec product was NaN or inf.
+
+    A non-finite product poisons its :math:`\\alpha_j` and every later coefficient, so it
+    always shows here; the coefficients are then not usable.
+    """
+    return _all_finite(self.alphas) & _all_finite(self.betas) & jnp.isfinite(self.next_beta)
+
 
 class EigenResult(NamedTuple):
   """The output of :func:`top_eigenvalues`, sorted by decreasing magnitude.
@@ -80,6 +108,15 @@ class EigenResult(NamedTuple):
   residual_norms: jax.Array
   converged: jax.Array
 
+  @property
+  def finite(self) -> jax.Array:
+    """Whether the eigenvalues and residuals are finite: ``False`` iff a matvec was NaN or inf.
+
+    A non-finite product poisons the tridiagonal matrix, and then all its Ritz values and
+    residuals (``converged`` is then ``False`` too).
+    """
+    return _all_finite(self.eigenvalues) & _all_finite(self.residual_norms)
+
 
 class SpectralDensity(NamedTuple):
   """A spectral density :math:`\\rho` sampled on a grid; ``sum(density) * spacing ≈ 1``.
@@ -91,6 +128,19 @@ class SpectralDensity(NamedTuple):
 
   grid: jax.Array
   density: jax.Array
+
+  @property
+  def finite(self) -> jax.Array:
+    """Whether the density is finite: ``False`` iff a matvec product was NaN or inf.
+
+    A non-finite product poisons its run's Ritz values, each of which enters the density at
+    every grid point, so it always shows here; the density is then not usable.
+    """
+    return _all_finite(self.density) & _all_finite(self.grid)
+
+
+def _all_finite(x: jax.Array) -> jax.Array:
+  return jnp.isfinite(x).all()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,7 +178,8 @@ class _Flat(NamedTuple):
   matvec: Callable[[jax.Array], jax.Array]
 
 
-def _flatten_operator(matvec: Matvec, like: Any) -> _Flat:
+def _flatten_operator(matvec: Matvec, like: Any, fn_name: str) -> _Flat:
+  like = _nnx.state(like)  # an nnx Module stands for its nnx.Param state
   leaves = jax.tree.leaves(like)
   if not leaves:
     raise ValueError("like has no array leaves; pass a pytree shaped like the matvec's input.")
@@ -139,7 +190,15 @@ def _flatten_operator(matvec: Matvec, like: Any) -> _Flat:
         "need real floating-point leaves (cast with .astype(jnp.float32) or float64)."
       )
   flat_like, unravel = ravel_pytree(like)
-  out_shape = jax.eval_shape(matvec, like)
+  try:
+    out_shape = jax.eval_shape(matvec, like)
+  except _checks.TangentDtypeError as e:
+    raise TypeError(
+      f"{fn_name}: like{e.path} has dtype {e.v_dtype}, but the matvec was built at a point "
+      f"whose leaf has dtype {e.x_dtype}, and the estimators call it on vectors with like's "
+      "dtypes. Pass the point itself as like (e.g. like=params), or cast like: "
+      "like = jax.tree.map(lambda a, b: a.astype(b.dtype), like, params)."
+    ) from e
   _checks.check_same_structure(like, out_shape, "like", "matvec(like)")
   dtype = flat_like.dtype
 
@@ -166,7 +225,7 @@ def _unravel_rows(unravel: Callable, rows: jax.Array) -> Any:
 def hutchinson_trace(
   matvec: Matvec,
   like: Params,
-  key: jax.Array,
+  key: jax.Array | int,
   *,
   num_samples: int,
   distribution: Distribution = "rademacher",
@@ -190,7 +249,7 @@ def hutchinson_trace(
   Args:
     matvec: symmetric linear operator ``v -> A v`` on pytrees shaped like ``like``.
     like: a pytree of floating arrays giving the space (its values are not used).
-    key: ``jax.random`` key the probes are drawn from.
+    key: ``jax.random`` key (typed or raw) or int seed the probes are drawn from.
     num_samples: number of probes ``m`` (static int, at least 1).
     distribution: ``"rademacher"`` (default) or ``"gaussian"``.
 
@@ -213,7 +272,8 @@ def hutchinson_trace(
   """
   num_samples = _check_count("num_samples", num_samples)
   _checks.check_choice("distribution", distribution, DISTRIBUTIONS)
-  op = _flatten_operator(matvec, like)
+  key = _checks.as_key(key)
+  op = _flatten_operator(matvec, like, "hutchinson_trace")
 
   def sample(_, k):
     z = _probe(k, op.dim, op.dtype, distribution)
@@ -233,7 +293,7 @@ def _stderr(samples: jax.Array) -> jax.Array:
 def hutchpp_trace(
   matvec: Matvec,
   like: Params,
-  key: jax.Array,
+  key: jax.Array | int,
   *,
   num_matvecs: int,
   distribution: Distribution = "rademacher",
@@ -255,7 +315,7 @@ def hutchpp_trace(
   Args:
     matvec: symmetric linear operator ``v -> A v`` on pytrees shaped like ``like``.
     like: a pytree of floating arrays giving the space.
-    key: ``jax.random`` key for the sketch and the probes.
+    key: ``jax.random`` key (typed or raw) or int seed for the sketch and the probes.
     num_matvecs: total budget ``m`` of matvecs (static int, at least 3).
     distribution: ``"rademacher"`` (default) or ``"gaussian"`` sketch and probes.
 
@@ -277,7 +337,8 @@ def hutchpp_trace(
   """
   num_matvecs = _check_count("num_matvecs", num_matvecs, minimum=3)
   _checks.check_choice("distribution", distribution, DISTRIBUTIONS)
-  op = _flatten_operator(matvec, like)
+  key = _checks.as_key(key)
+  op = _flatten_operator(matvec, like, "hutchpp_trace")
   sketch_size = min(num_matvecs // 3, op.dim)
   num_probes = num_matvecs - 2 * sketch_size
   sketch_key, probe_key = jax.random.split(key)
@@ -302,7 +363,7 @@ def hutchpp_trace(
 def hutchinson_diagonal(
   matvec: Matvec,
   like: Params,
-  key: jax.Array,
+  key: jax.Array | int,
   *,
   num_samples: int,
   distribution: Distribution = "rademacher",
@@ -320,7 +381,7 @@ def hutchinson_diagonal(
   Args:
     matvec: linear operator ``v -> A v`` on pytrees shaped like ``like``.
     like: a pytree of floating arrays giving the space.
-    key: ``jax.random`` key the probes are drawn from.
+    key: ``jax.random`` key (typed or raw) or int seed the probes are drawn from.
     num_samples: number of probes ``m`` (static int, at least 1).
     distribution: ``"rademacher"`` (default) or ``"gaussian"``.
 
@@ -340,7 +401,8 @@ def hutchinson_diagonal(
   """
   num_samples = _check_count("num_samples", num_samples)
   _checks.check_choice("distribution", distribution, DISTRIBUTIONS)
-  op = _flatten_operator(matvec, like)
+  key = _checks.as_key(key)
+  op = _flatten_operator(matvec, like, "hutchinson_diagonal")
 
   def sample(total, k):
     z = _probe(k, op.dim, op.dtype, distribution)
@@ -418,7 +480,7 @@ def _lanczos_flat(
 def lanczos(
   matvec: Matvec,
   like: Params,
-  key: jax.Array,
+  key: jax.Array | int,
   *,
   num_iters: int,
   reorthogonalize: bool = True,
@@ -448,7 +510,8 @@ def lanczos(
   Args:
     matvec: symmetric linear operator ``v -> A v`` on pytrees shaped like ``like``.
     like: a pytree of floating arrays giving the space.
-    key: ``jax.random`` key for the (Gaussian) starting vector and any restarts.
+    key: ``jax.random`` key (typed or raw) or int seed for the (Gaussian) starting vector
+      and any restarts.
     num_iters: number of Lanczos steps ``m`` = number of matvecs (static int, at least 1).
     reorthogonalize: full reorthogonalisation (default ``True``).
     return_basis: also return the Lanczos vectors (stored anyway when reorthogonalising).
@@ -459,7 +522,7 @@ def lanczos(
   Examples:
     On a diagonal matrix, the Ritz values after ``n`` steps are its eigenvalues:
 
-    >>> d = jnp.array([1.0, 2.0, 4.0], dtype=jnp.float64)
+    >>> d = jnp.array([1.0, 2.0, 4.0])
     >>> res = lanczos(lambda v: d * v, d, jax.random.key(0), num_iters=3)
     >>> T = jnp.diag(res.alphas) + jnp.diag(res.betas, 1) + jnp.diag(res.betas, -1)
     >>> jnp.linalg.eigvalsh(T).round(6).tolist()
@@ -471,7 +534,8 @@ def lanczos(
     Loan, "Matrix Computations", 4th ed., §10.1 and §10.3.
   """
   num_iters = _check_count("num_iters", num_iters)
-  op = _flatten_operator(matvec, like)
+  key = _checks.as_key(key)
+  op = _flatten_operator(matvec, like, "lanczos")
   num_iters = _clamp_iters("num_iters", num_iters, op.dim)
   alphas, betas, basis = _lanczos_flat(op, key, num_iters, reorthogonalize, return_basis)
   basis = _unravel_rows(op.unravel, basis) if return_basis else None
@@ -485,7 +549,7 @@ def _tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
 def top_eigenvalues(
   matvec: Matvec,
   like: Params,
-  key: jax.Array,
+  key: jax.Array | int,
   *,
   k: int,
   num_iters: int,
@@ -511,7 +575,7 @@ def top_eigenvalues(
   Args:
     matvec: symmetric linear operator ``v -> A v`` on pytrees shaped like ``like``.
     like: a pytree of floating arrays giving the space.
-    key: ``jax.random`` key for the starting vector.
+    key: ``jax.random`` key (typed or raw) or int seed for the starting vector.
     k: number of eigenpairs (static int, ``1 <= k <= num_iters``).
     num_iters: number of Lanczos steps = matvecs (static int; clamped to the dimension).
     tol: a pair is ``converged`` when its residual norm is at most ``tol * |eigenvalues[0]|``.
@@ -521,9 +585,9 @@ def top_eigenvalues(
     decreasing magnitude; eigenvectors are a pytree like ``like`` with a leading axis ``k``.
 
   Examples:
-    >>> A = jnp.diag(jnp.array([-5.0, 1.0, 2.0, 3.0], dtype=jnp.float64))
+    >>> A = jnp.diag(jnp.array([-5.0, 1.0, 2.0, 3.0]))
     >>> res = top_eigenvalues(lambda v: A @ v, jnp.zeros(4), jax.random.key(0), k=2, num_iters=4)
-    >>> res.eigenvalues.round(6).tolist()
+    >>> [round(float(e), 4) for e in res.eigenvalues]
     [-5.0, 3.0]
 
   References:
@@ -534,7 +598,8 @@ def top_eigenvalues(
   """
   k = _check_count("k", k)
   num_iters = _check_count("num_iters", num_iters)
-  op = _flatten_operator(matvec, like)
+  key = _checks.as_key(key)
+  op = _flatten_operator(matvec, like, "top_eigenvalues")
   num_iters = _clamp_iters("num_iters", num_iters, op.dim)
   if k > num_iters:
     raise ValueError(
@@ -555,7 +620,7 @@ def top_eigenvalues(
 def spectral_density(
   matvec: Matvec,
   like: Params,
-  key: jax.Array,
+  key: jax.Array | int,
   *,
   num_iters: int,
   num_runs: int,
@@ -585,7 +650,7 @@ def spectral_density(
   Args:
     matvec: symmetric linear operator ``v -> A v`` on pytrees shaped like ``like``.
     like: a pytree of floating arrays giving the space.
-    key: ``jax.random`` key for the starting vectors.
+    key: ``jax.random`` key (typed or raw) or int seed for the starting vectors.
     num_iters: Lanczos steps per run (static int; clamped to the dimension).
     num_runs: number of random starting vectors ``R`` (static int).
     grid: the points to evaluate the density at (1-D array), or their number (static int,
@@ -601,11 +666,11 @@ def spectral_density(
   Examples:
     The identity has all its mass at 1; the mean of the density is 1:
 
-    >>> like = jnp.zeros(10, dtype=jnp.float64)
+    >>> like = jnp.zeros(10)
     >>> sd = spectral_density(lambda v: v, like, jax.random.key(0), num_iters=3, num_runs=2,
     ...                       grid=201, sigma=0.1)
     >>> dt = sd.grid[1] - sd.grid[0]
-    >>> round(float(sd.density.sum() * dt), 6), round(float((sd.grid * sd.density).sum() * dt), 6)
+    >>> round(float(sd.density.sum() * dt), 4), round(float((sd.grid * sd.density).sum() * dt), 4)
     (1.0, 1.0)
 
   References:
@@ -627,7 +692,8 @@ def spectral_density(
       )
   if isinstance(sigma, (int, float, np.number)) and not sigma > 0:
     raise ValueError(f"sigma must be positive (the width of the broadening); got {sigma!r}.")
-  op = _flatten_operator(matvec, like)
+  key = _checks.as_key(key)
+  op = _flatten_operator(matvec, like, "spectral_density")
   num_iters = _clamp_iters("num_iters", num_iters, op.dim)
   if grid_points is not None:
     grid_points = grid_points.astype(op.dtype)

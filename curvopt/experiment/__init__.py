@@ -4,7 +4,24 @@
 task families live in ``experiments/`` and subclass :class:`Task`.
 """
 
-from curvopt.experiment.config import (
+import importlib as _importlib
+
+for _module, _package in (
+  ("omegaconf", "omegaconf"),
+  ("yaml", "pyyaml"),
+  ("orbax.checkpoint", "orbax-checkpoint"),
+  ("matplotlib", "matplotlib"),
+):
+  try:
+    _importlib.import_module(_module)
+  except ModuleNotFoundError as _err:
+    raise ModuleNotFoundError(
+      f"curvopt.experiment needs {_package}, one of the launcher's extras; install them with "
+      "pip install -e '.[experiments]' (from a checkout) or pip install 'curvopt[experiments]'.",
+      name=_module,
+    ) from _err
+
+from curvopt.experiment.config import (  # noqa: E402
   BudgetConfig,
   Config,
   ConfigError,
@@ -13,12 +30,31 @@ from curvopt.experiment.config import (
   Precision,
   load_config,
 )
-from curvopt.experiment.optimizers import OPTIMIZERS, Method, build_method, optax_method
-from curvopt.experiment.runner import RunResult, TaskEntry, main, run_experiment
-from curvopt.experiment.tasks import Task
+from curvopt.experiment.optimizers import (  # noqa: E402
+  OPTIMIZERS,
+  Method,
+  OptimizerEntry,
+  build_method,
+  optax_method,
+  register_optimizer,
+  schema_from_signature,
+)
+from curvopt.experiment.runner import (  # noqa: E402
+  RunHooks,
+  RunResult,
+  TaskEntry,
+  main,
+  run_experiment,
+  setup_run,
+  summarise,
+  train,
+)
+from curvopt.experiment.tasks import Task  # noqa: E402
 
 __all__ = [
   "OPTIMIZERS",
+  "OptimizerEntry",
+  "RunHooks",
   "BudgetConfig",
   "Config",
   "ConfigError",
@@ -33,5 +69,10 @@ __all__ = [
   "load_config",
   "main",
   "optax_method",
+  "register_optimizer",
   "run_experiment",
+  "schema_from_signature",
+  "setup_run",
+  "summarise",
+  "train",
 ]

@@ -191,7 +191,8 @@ def load_config(
       addressed by index, ``optimizers.0.learning_rate=0.1``.
     tasks: task name -> its config dataclass, or a zero-argument callable returning it (lazy
       import of the task module).
-    optimizers: optimiser name -> its hyper-parameter dataclass.
+    optimizers: optimiser name -> its hyper-parameter dataclass (or a registry entry with a
+      ``schema`` attribute, as :data:`curvopt.experiment.optimizers.OPTIMIZERS` holds).
 
   Returns:
     A :class:`Config` of dataclass instances.
@@ -215,6 +216,8 @@ def load_config(
     except (oc_errors.OmegaConfBaseException, IndexError, ValueError) as err:
       raise ConfigError(f"override {key}={value!r} cannot be applied: {err}") from None
 
+  if isinstance(raw.get("seeds", None), int):  # seeds=0 means seeds=[0]
+    raw.seeds = [raw.seeds]
   raw_task = raw.pop("task", None) if "task" in raw else None
   raw_opts = raw.pop("optimizers", None) if "optimizers" in raw else None
   top = _validate(ExperimentConfig, raw, "")
@@ -235,6 +238,7 @@ def load_config(
   opts = []
   for i, raw_opt in enumerate(raw_opts):
     schema = _named_schema(raw_opt, f"optimizers[{i}]", optimizers, "optimiser")
+    schema = getattr(schema, "schema", schema)  # a registry entry, or the schema itself
     opts.append(OmegaConf.to_object(_validate(schema, raw_opt, f"optimizers[{i}]")))
   experiment = OmegaConf.to_object(top)
   _check_values(experiment, opts)
@@ -260,6 +264,8 @@ def _check_values(experiment: ExperimentConfig, opts: list[Any]) -> None:
   for key, ok, expected in checks:
     if not ok:
       raise ConfigError(f"config key '{key}': expected {expected}.")
+  for i, opt in enumerate(opts):
+    check_options(opt, f"optimizers[{i}]")
   seen: dict[str, int] = {}
   for i, opt in enumerate(opts):
     label = label_of(opt)
@@ -271,9 +277,47 @@ def _check_values(experiment: ExperimentConfig, opts: list[Any]) -> None:
     seen[label] = i
 
 
+def check_options(opt: Any, path: str) -> None:
+  """Rejects values outside a field's choices and non-positive learning rates.
+
+  An optimiser schema may carry ``choices``, a table of field -> allowed values (those derived
+  from ``Literal`` annotations); ``learning_rate`` must be a number > 0 wherever it is set.
+  """
+  for field_name, allowed in getattr(type(opt), "choices", {}).items():
+    value = getattr(opt, field_name)
+    if value not in allowed:
+      raise ConfigError(
+        f"config key '{path}.{field_name}': invalid value {value!r}; allowed values: "
+        f"{list(allowed)}."
+      )
+  lr = getattr(opt, "learning_rate", None)
+  if isinstance(lr, int | float) and not isinstance(lr, bool) and not lr > 0:
+    raise ConfigError(
+      f"config key '{path}.learning_rate': expected a number > 0 (or null where the optimiser "
+      f"allows it); got {lr!r}."
+    )
+
+
 def label_of(opt: Any) -> str:
-  """The display name of an optimiser entry: its ``label``, else its ``name``."""
-  return opt.label or opt.name
+  """The display name of an optimiser entry: its ``label``, else its ``name``.
+
+  A label may quote the entry's own values, so that it follows overrides:
+  ``label: "dp_sgd σ={noise_multiplier}"``.
+
+  Examples:
+    >>> from types import SimpleNamespace
+    >>> label_of(SimpleNamespace(name="dp_sgd", label="σ={noise_multiplier}", noise_multiplier=2.0))
+    'σ=2.0'
+  """
+  if not opt.label:
+    return opt.name
+  try:
+    return opt.label.format(**vars(opt))
+  except (KeyError, IndexError, ValueError) as err:
+    raise ConfigError(
+      f"config key 'label': {opt.label!r} quotes an unknown option ({err}); use {{field}} with "
+      f"one of {sorted(vars(opt))}, or double the braces for a literal brace."
+    ) from None
 
 
 def check_choice(path: str, value: Any, allowed: Sequence[Any]) -> None:

@@ -1,25 +1,34 @@
-"""The optimiser registry: a hyper-parameter schema per name, and how to build each one.
+"""The optimiser registry: each name maps to its config schema and its builder.
 
 Every entry of a config's ``optimizers`` list names one of :data:`OPTIMIZERS` and sets its
-hyper-parameters; ``label`` names the line in tables and plots, ``variant`` selects a
-task-specific objective (e.g. TD(0) semi-gradient vs residual-gradient). Each builder returns
-a :class:`Method`: an ``init`` and a pure ``step`` that the runner compiles once, or, for the
-``scipy`` baseline, a host-side loop.
+hyper-parameters; ``label`` names the line in tables and plots (it may quote the entry's values,
+``label: "dp_sgd σ={noise_multiplier}"``), ``variant`` selects a task-specific objective (e.g.
+TD(0) semi-gradient vs residual-gradient). Each builder returns a :class:`Method`: an ``init``
+and a pure ``step`` that the runner compiles once, or, for the ``scipy`` baseline, a host-side
+loop.
+
+curvopt's own optimisers take their schema from their signature
+(:func:`schema_from_signature`): every keyword option of :func:`curvopt.newton_cg` and
+:func:`curvopt.dp_sgd`, with its default, is a config key, so the launcher never lags behind
+the library. Adding an optimiser is one builder decorated with :func:`register_optimizer`.
 """
 
+import dataclasses
 import enum
-from collections.abc import Callable
+import inspect
+import types
+import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from curvopt._typing import Params
 from curvopt.experiment.config import ConfigError
-
-Params = Any
 
 
 @dataclass
@@ -37,95 +46,135 @@ class OptimizerConfig:
   eval_every: int | None = None
 
 
-@dataclass
-class SGDConfig(OptimizerConfig):
-  name: str = "sgd"
-  learning_rate: float = 0.1
-  momentum: float | None = None
-  nesterov: bool = False
+_SIMPLE = (bool, int, float, str)
 
 
-@dataclass
-class AdamConfig(OptimizerConfig):
-  name: str = "adam"
-  learning_rate: float = 1e-3
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  weight_decay: float = 0.0
+def _config_type(annotation: Any) -> tuple[Any, tuple | None]:
+  """An OmegaConf-compatible field type for a signature annotation, and its allowed values.
+
+  ``Literal`` strings become ``str`` with their choices; ``X | None`` stays optional; unions
+  mixing a number and literals (``float | Literal["forcing"]``), tuples and untyped values
+  become ``Any`` (the optimiser validates them); callables and arrays are dropped from unions
+  (a YAML file cannot hold them).
+
+  Examples:
+    >>> _config_type(float | None)
+    (typing.Optional[float], None)
+    >>> _config_type(Literal["a", "b"])
+    (<class 'str'>, ('a', 'b'))
+  """
+  optional = False
+  members = [annotation]
+  if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+    members = list(typing.get_args(annotation))
+  if type(None) in members:
+    optional = True
+    members = [m for m in members if m is not type(None)]
+  literals: list[Any] = []
+  simple: list[type] = []
+  for m in members:
+    if typing.get_origin(m) is Literal:
+      literals.extend(typing.get_args(m))
+    elif m in _SIMPLE:
+      simple.append(m)
+    elif m is Any or typing.get_origin(m) in (tuple, list):
+      return Any, None
+  if literals and not simple and all(isinstance(v, str) for v in literals):
+    kind, choices = str, tuple(literals)
+  elif len(simple) == 1 and not literals:
+    kind, choices = simple[0], None
+  else:
+    return Any, None
+  return (typing.Optional[kind] if optional else kind), (  # noqa: UP045 (OmegaConf)
+    choices + (None,) if choices and optional else choices
+  )
 
 
-class Linesearch(enum.Enum):
-  none = "none"
-  zoom = "zoom"
-  backtracking = "backtracking"
+def schema_from_signature(
+  name: str,
+  fn: Callable[..., Any],
+  *,
+  exclude: Sequence[str] = (),
+  defaults: dict[str, Any] | None = None,
+  extra: Sequence[tuple[str, Any, Any]] = (),
+) -> type:
+  """A config dataclass with one field per keyword option of ``fn``.
+
+  Args:
+    name: the optimiser's registry name (the ``name`` field's default).
+    fn: the optimiser constructor; each parameter with a default (or in ``defaults``) whose
+      annotation a YAML value can hold becomes a field of that type and default.
+    exclude: parameters that the builder supplies itself (e.g. ``model_fn``, ``key``).
+    defaults: launcher defaults for parameters without one (or overriding ``fn``'s).
+    extra: ``(field, type, default)`` for launcher-only options (e.g. a line search by name).
+
+  Returns:
+    A dataclass subclassing :class:`OptimizerConfig`; ``schema.choices`` maps fields with a
+    fixed set of values to them (checked by :func:`check_choices`).
+  """
+  defaults = defaults or {}
+  fields, choices = [("name", str, dataclasses.field(default=name))], {}
+  for param in inspect.signature(fn).parameters.values():
+    if param.name in exclude or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+      continue
+    default = defaults.get(param.name, param.default)
+    if default is inspect.Parameter.empty:
+      raise TypeError(f"{fn.__name__}({param.name}=...) needs a launcher default or exclude=.")
+    kind, allowed = _config_type(param.annotation)
+    if param.name == "learning_rate" or (kind is Any and type(default) is float):
+      kind = float  # optax.ScalarOrSchedule, or an untyped number: a number from YAML
+    if isinstance(default, tuple | list):
+      field = dataclasses.field(default_factory=lambda d=list(default): list(d))
+    else:
+      field = dataclasses.field(default=default)
+    fields.append((param.name, kind, field))
+    if allowed:
+      choices[param.name] = allowed
+  for field_name, kind, default in extra:
+    fields.append((field_name, kind, dataclasses.field(default=default)))
+  cls_name = "".join(p.title() for p in name.split("_")) + "Config"
+  schema = dataclasses.make_dataclass(cls_name, fields, bases=(OptimizerConfig,))
+  schema.choices = choices
+  schema.__doc__ = f"Options of :func:`{fn.__module__}.{fn.__qualname__}` (from its signature)."
+  return schema
 
 
-@dataclass
-class LBFGSConfig(OptimizerConfig):
-  name: str = "lbfgs"
-  learning_rate: float | None = None
-  memory_size: int = 10
-  linesearch: Linesearch = Linesearch.zoom
-  max_linesearch_steps: int = 15
+def options_of(cfg: Any, schema_fn: Callable[..., Any], *, exclude: Sequence[str] = ()) -> dict:
+  """The entries of ``cfg`` that ``schema_fn`` accepts as keyword arguments (lists as tuples)."""
+  names = set(inspect.signature(schema_fn).parameters) - set(exclude)
+  out = {}
+  for f in dataclasses.fields(cfg):
+    if f.name in names:
+      value = getattr(cfg, f.name)
+      out[f.name] = tuple(value) if isinstance(value, list) else value
+  return out
 
 
-class Curvature(enum.Enum):
-  ggn = "ggn"
-  hessian = "hessian"
-  fisher = "fisher"
+@dataclass(frozen=True)
+class OptimizerEntry:
+  """A registered optimiser: its config ``schema`` and ``build(cfg, task, path) -> Method``."""
+
+  schema: type
+  build: Callable[[Any, Any, str], "Method"]
 
 
-@dataclass
-class NewtonCGConfig(OptimizerConfig):
-  name: str = "newton_cg"
-  learning_rate: float = 1.0
-  curvature: Curvature = Curvature.ggn
-  damping: float = 1.0
-  adapt_damping: bool = True
-  accept_ratio: float | None = 0.0
-  cg_max_steps: int = 50
-  cg_tol: float = 1e-4
-  cg_progress_tol: float | None = 5e-4
-  warm_start: float = 0.95
-  martens_preconditioner: bool = False
-  linesearch: Linesearch = Linesearch.none
-  max_linesearch_steps: int = 15
+#: Optimiser name -> :class:`OptimizerEntry`.
+OPTIMIZERS: dict[str, OptimizerEntry] = {}
 
 
-@dataclass
-class DPSGDConfig(OptimizerConfig):
-  name: str = "dp_sgd"
-  learning_rate: float = 0.5
-  l2_norm_clip: float = 1.0
-  noise_multiplier: float = 1.0
-  expected_batch_size: int = 64
-  momentum: float | None = None
-  delta: float = 1e-5
+def register_optimizer(name: str, schema: type) -> Callable:
+  """Decorator: registers ``build(cfg, task, path) -> Method`` under ``name`` with ``schema``."""
+
+  def register(build: Callable) -> Callable:
+    OPTIMIZERS[name] = OptimizerEntry(schema=schema, build=build)
+    return build
+
+  return register
 
 
-class ScipyMethod(enum.Enum):
-  newton_cg = "Newton-CG"
-  lbfgs_b = "L-BFGS-B"
-  bfgs = "BFGS"
-  trust_ncg = "trust-ncg"
-
-
-@dataclass
-class ScipyConfig(OptimizerConfig):
-  name: str = "scipy"
-  method: ScipyMethod = ScipyMethod.newton_cg
-  tol: float = 1e-10
-
-
-OPTIMIZERS: dict[str, type] = {
-  "sgd": SGDConfig,
-  "adam": AdamConfig,
-  "lbfgs": LBFGSConfig,
-  "newton_cg": NewtonCGConfig,
-  "dp_sgd": DPSGDConfig,
-  "scipy": ScipyConfig,
-}
+def schemas() -> dict[str, type]:
+  """Optimiser name -> config schema (what :func:`~curvopt.experiment.config.load_config` needs)."""
+  return {name: entry.schema for name, entry in OPTIMIZERS.items()}
 
 
 class Method(NamedTuple):
@@ -183,10 +232,13 @@ def state_diagnostics(state: Any) -> dict[str, jax.Array]:
   return out
 
 
-def _linesearch(kind: Linesearch, steps: int) -> optax.GradientTransformationExtraArgs | None:
-  if kind is Linesearch.zoom:
+LINESEARCHES = ("none", "zoom", "backtracking")
+
+
+def _linesearch(kind: str, steps: int) -> optax.GradientTransformationExtraArgs | None:
+  if kind == "zoom":
     return optax.scale_by_zoom_linesearch(max_linesearch_steps=steps)
-  if kind is Linesearch.backtracking:
+  if kind == "backtracking":
     return optax.scale_by_backtracking_linesearch(max_backtracking_steps=steps)
   return None
 
@@ -214,74 +266,156 @@ def optax_method(task: Any, tx: optax.GradientTransformation, objective: Callabl
 
 
 def build_method(cfg: Any, task: Any, path: str) -> Method:
-  """Builds the :class:`Method` for optimiser entry ``cfg`` (at config key ``path``) on ``task``."""
+  """Builds the :class:`Method` for optimiser entry ``cfg`` (at config key ``path``) on ``task``.
+
+  Values the optimiser itself rejects (a ``ValueError`` at construction) become a
+  :class:`ConfigError` naming ``path``, before any training starts.
+  """
   task.check_variant(f"{path}.variant", cfg.variant)
-  objective = task.objective(cfg.variant)
-  if isinstance(cfg, SGDConfig):
-    tx = optax.sgd(cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.nesterov)
-  elif isinstance(cfg, AdamConfig):
-    if cfg.weight_decay:
-      tx = optax.adamw(cfg.learning_rate, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay)
-    else:
-      tx = optax.adam(cfg.learning_rate, cfg.b1, cfg.b2, cfg.eps)
-  elif isinstance(cfg, LBFGSConfig):
-    tx = optax.lbfgs(
-      cfg.learning_rate,
-      memory_size=cfg.memory_size,
-      linesearch=_linesearch(cfg.linesearch, cfg.max_linesearch_steps),
-    )
-  elif isinstance(cfg, NewtonCGConfig):
-    from curvopt.optimizers.newton_cg import newton_cg
-
-    extra = task.newton_cg_args(cfg.variant, cfg.curvature.value)
-    extra.setdefault("curvature", cfg.curvature.value)
-    tx = newton_cg(
-      cfg.learning_rate,
-      **extra,
-      damping=cfg.damping,
-      adapt_damping=cfg.adapt_damping,
-      accept_ratio=cfg.accept_ratio,
-      cg_max_steps=cfg.cg_max_steps,
-      cg_tol=cfg.cg_tol,
-      cg_progress_tol=cfg.cg_progress_tol,
-      warm_start=cfg.warm_start,
-      preconditioner="martens" if cfg.martens_preconditioner else None,
-      linesearch=_linesearch(cfg.linesearch, cfg.max_linesearch_steps),
-    )
-  elif isinstance(cfg, DPSGDConfig):
-    return _dp_sgd_method(cfg, task, objective, path)
-  elif isinstance(cfg, ScipyConfig):
-    return _scipy_method(cfg, task, objective)
-  else:  # pragma: no cover - the registry and this function are kept in step
-    raise ConfigError(f"config key '{path}.name': no builder for {cfg.name!r}.")
-  return optax_method(task, tx, objective)
+  try:
+    return OPTIMIZERS[cfg.name].build(cfg, task, path)
+  except ConfigError:
+    raise
+  except (ValueError, TypeError) as err:
+    raise ConfigError(f"config key '{path}': {err}") from None
 
 
-def _dp_sgd_method(cfg: DPSGDConfig, task: Any, objective: Callable, path: str) -> Method:
+# ------------------------------------------------------------------------------------------
+# optax's optimisers (hand-written schemas: a few stable options each).
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+  name: str = "sgd"
+  learning_rate: float = 0.1
+  momentum: float | None = None
+  nesterov: bool = False
+
+
+@register_optimizer("sgd", SGDConfig)
+def _build_sgd(cfg: SGDConfig, task: Any, path: str) -> Method:
+  tx = optax.sgd(cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.nesterov)
+  return optax_method(task, tx, task.objective(cfg.variant))
+
+
+@dataclass
+class AdamConfig(OptimizerConfig):
+  name: str = "adam"
+  learning_rate: float = 1e-3
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+
+
+@register_optimizer("adam", AdamConfig)
+def _build_adam(cfg: AdamConfig, task: Any, path: str) -> Method:
+  if cfg.weight_decay:
+    tx = optax.adamw(cfg.learning_rate, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay)
+  else:
+    tx = optax.adam(cfg.learning_rate, cfg.b1, cfg.b2, cfg.eps)
+  return optax_method(task, tx, task.objective(cfg.variant))
+
+
+@dataclass
+class LBFGSConfig(OptimizerConfig):
+  name: str = "lbfgs"
+  learning_rate: float | None = None
+  memory_size: int = 10
+  linesearch: str = "zoom"
+  max_linesearch_steps: int = 15
+  choices = {"linesearch": LINESEARCHES}  # noqa: RUF012 (class-level table, not a field)
+
+
+@register_optimizer("lbfgs", LBFGSConfig)
+def _build_lbfgs(cfg: LBFGSConfig, task: Any, path: str) -> Method:
+  tx = optax.lbfgs(
+    cfg.learning_rate,
+    memory_size=cfg.memory_size,
+    linesearch=_linesearch(cfg.linesearch, cfg.max_linesearch_steps),
+  )
+  return optax_method(task, tx, task.objective(cfg.variant))
+
+
+# ------------------------------------------------------------------------------------------
+# curvopt's optimisers: schemas derived from their signatures.
+
+
+def _newton_cg_schema() -> type:
+  from curvopt import newton_cg
+
+  schema = schema_from_signature(
+    "newton_cg",
+    newton_cg,
+    exclude=("model_fn", "loss_fn", "module", "linesearch"),
+    extra=[("linesearch", str, "none"), ("max_linesearch_steps", int, 15)],
+  )
+  schema.choices["linesearch"] = LINESEARCHES
+  return schema
+
+
+NewtonCGConfig = _newton_cg_schema()
+
+
+@register_optimizer("newton_cg", NewtonCGConfig)
+def _build_newton_cg(cfg: Any, task: Any, path: str) -> Method:
+  from curvopt import newton_cg
+
+  options = options_of(cfg, newton_cg, exclude=("model_fn", "loss_fn", "module", "linesearch"))
+  if cfg.curvature == "ggn":
+    split = task.gauss_newton_split(cfg.variant)
+    if split is None:
+      raise ConfigError(
+        f"config key '{path}.curvature': task {type(task).__name__} has no model/loss split, "
+        "so curvature='ggn' is not available; use curvature: hessian."
+      )
+    options["model_fn"], options["loss_fn"] = split
+  tx = newton_cg(**options, linesearch=_linesearch(cfg.linesearch, cfg.max_linesearch_steps))
+  return optax_method(task, tx, task.objective(cfg.variant))
+
+
+def _dp_sgd_schema() -> type:
+  from curvopt import dp_sgd
+
+  return schema_from_signature(
+    "dp_sgd",
+    dp_sgd,
+    exclude=("key",),
+    defaults={
+      "learning_rate": 0.5,
+      "l2_norm_clip": 1.0,
+      "noise_multiplier": 1.0,
+      "expected_batch_size": 64,
+    },
+    extra=[("delta", float, 1e-5)],
+  )
+
+
+DPSGDConfig = _dp_sgd_schema()
+
+
+@register_optimizer("dp_sgd", DPSGDConfig)
+def _build_dp_sgd(cfg: Any, task: Any, path: str) -> Method:
   """DP-SGD with Poisson sampling, per-example gradients, and ε reported at each evaluation."""
   from curvopt import dp_sgd, per_example_grads, privacy
 
   n = task.num_train()
-  if not 0 < cfg.expected_batch_size <= n:
+  if cfg.expected_batch_size is None or not 0 < cfg.expected_batch_size <= n:
     raise ConfigError(
       f"config key '{path}.expected_batch_size': expected an integer in [1, {n}] (the training "
       f"set size); got {cfg.expected_batch_size}."
     )
-  del objective  # DP-SGD differentiates the per-example loss instead.
   rate = cfg.expected_batch_size / n
   padded = privacy.padded_batch_size(n, rate)
   devices = task.data_devices()
   padded = -(-padded // devices) * devices  # more padding, so the batch splits evenly
 
+  options = options_of(cfg, dp_sgd, exclude=("key",))
+
   def make(key):  # the noise key lives in the state; ``key`` only seeds it at init
-    return dp_sgd(
-      cfg.learning_rate,
-      l2_norm_clip=cfg.l2_norm_clip,
-      noise_multiplier=cfg.noise_multiplier,
-      key=key,
-      expected_batch_size=cfg.expected_batch_size,
-      momentum=cfg.momentum,
-    )
+    return dp_sgd(**options, key=key)
+
+  make(jax.random.key(0))  # invalid values fail here, before any work
 
   def step(params, state, data_key, t):
     tx = make(jax.random.key(0))
@@ -303,8 +437,24 @@ def _dp_sgd_method(cfg: DPSGDConfig, task: Any, objective: Callable, path: str) 
   )
 
 
-def _scipy_method(cfg: ScipyConfig, task: Any, objective: Callable) -> Method:
+class ScipyMethod(enum.Enum):
+  newton_cg = "Newton-CG"
+  lbfgs_b = "L-BFGS-B"
+  bfgs = "BFGS"
+  trust_ncg = "trust-ncg"
+
+
+@dataclass
+class ScipyConfig(OptimizerConfig):
+  name: str = "scipy"
+  method: ScipyMethod = ScipyMethod.newton_cg
+  tol: float = 1e-10
+
+
+@register_optimizer("scipy", ScipyConfig)
+def _build_scipy(cfg: ScipyConfig, task: Any, path: str) -> Method:
   """``scipy.optimize.minimize`` on the full-batch objective, with jitted value/grad/HVP."""
+  objective = task.objective(cfg.variant)
   import scipy.optimize
   from jax.flatten_util import ravel_pytree
 

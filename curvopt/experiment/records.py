@@ -105,12 +105,16 @@ def summarize(
 ) -> list[dict[str, Any]]:
   """Per optimiser (over seeds): final and best metric, steps and time to target.
 
+  The metric is evaluated every ``eval_every`` steps, so "steps to target" is the first
+  evaluated step that met it: the target was reached within the ``resolution`` steps before
+  (the spacing of the evaluations, reported per optimiser).
+
   Examples:
     >>> recs = [{"optimizer": "a", "seed": 0, "step": s, "wall_time": 0.1 * s, "loss": 1 / (s + 1)}
     ...         for s in range(4)]
     >>> row = summarize(recs, "loss", target=0.3)[0]
-    >>> row["final"], row["best"], row["steps_to_target"], row["time_to_target"]
-    ([0.25], [0.25], [3], [0.30000000000000004])
+    >>> row["final"], row["best"], row["steps_to_target"], row["resolution"]
+    ([0.25], [0.25], [3], 1)
   """
   rows = []
   for opt, seeds in group(records).items():
@@ -138,11 +142,18 @@ def summarize(
         "best": bests,
         "steps_to_target": steps_t,
         "time_to_target": times_t,
+        "resolution": _resolution(seeds.values()),
         "train_time": train_t,
         **{f"final_{m}": v for m, v in extras.items()},
       }
     )
   return rows
+
+
+def _resolution(runs: Any) -> int | None:
+  """The largest spacing between consecutive evaluated steps over ``runs``."""
+  gaps = [b["step"] - a["step"] for rs in runs for a, b in zip(rs, rs[1:], strict=False)]
+  return max(gaps, default=None)
 
 
 def summary_markdown(
@@ -167,6 +178,8 @@ def summary_markdown(
       reached = [v for v in row["steps_to_target"] if v is not None]
       n = len(row["steps_to_target"])
       suffix = "" if len(reached) == n else f" ({len(reached)}/{n} seeds)"
+      if reached and row.get("resolution", 1) and row.get("resolution", 1) > 1:
+        suffix = f" (evaluated every {row['resolution']})" + suffix
       cells += [
         (_fmt(reached, 6) if reached else "not reached") + suffix,
         _fmt([v for v in row["time_to_target"] if v is not None], 3) if reached else "—",

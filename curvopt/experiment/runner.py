@@ -7,7 +7,6 @@ state, the step and the training time, so a resumed run continues exactly where 
 checkpoint left it and ends with the same metrics as an uninterrupted run.
 """
 
-import collections
 import dataclasses
 import datetime
 import os
@@ -28,13 +27,18 @@ from curvopt.experiment import optimizers as opt_lib
 from curvopt.experiment import plots, records
 from curvopt.experiment.config import Config, ConfigError, label_of
 
-# Number of times each optimiser's training loop was traced (the tests check it is one).
-TRACE_COUNTS: collections.Counter = collections.Counter()
 
-# Test hooks: SIGKILL this process (a real kill -9 mid-run) / raise KeyboardInterrupt after
-# this many evaluations.
-_KILL_ENV = "CURVOPT_EXPERIMENT_KILL_AFTER_EVALS"
-_INTERRUPT_AFTER_EVALS = 0
+@dataclass
+class RunHooks:
+  """Callbacks into a run, for tests and tools (all optional).
+
+  Attributes:
+    on_trace: called with the optimiser's label each time its training loop is traced.
+    after_eval: called with the number of evaluations so far, after each is logged.
+  """
+
+  on_trace: Callable[[str], None] | None = None
+  after_eval: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -64,6 +68,26 @@ def new_run_dir(output_dir: str, name: str) -> str:
   while os.path.exists(path):
     path, i = f"{base}-{i}", i + 1
   os.makedirs(path)
+  return path
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+  """Turns on JAX's persistent compilation cache (unless a cache directory is already set).
+
+  Repeated runs of a config, and runs of configs sharing a model, then skip most of their
+  compile time. The directory is ``path``, else ``$CURVOPT_COMPILATION_CACHE``, else
+  ``~/.cache/curvopt/jax``.
+  """
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  path = (
+    path
+    or os.environ.get("CURVOPT_COMPILATION_CACHE")
+    or os.path.join(os.path.expanduser("~"), ".cache", "curvopt", "jax")
+  )
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
   return path
 
 
@@ -215,35 +239,32 @@ class _Checkpoints:
     self.manager.close()
 
 
-def run_experiment(
-  cfg: Config,
-  task_entry: TaskEntry,
-  *,
-  run_dir: str | None = None,
-  resume: bool = False,
-  echo: bool = True,
-) -> RunResult:
-  """Runs the comparison described by ``cfg`` and writes its run directory.
+@dataclass
+class _Setup:
+  """Everything a run needs, built and validated before any training."""
 
-  Args:
-    cfg: a validated :class:`~curvopt.experiment.config.Config`.
-    task_entry: the task family named by ``cfg.task.name``.
-    run_dir: where to write; a fresh ``output_dir/<name>/<timestamp>/`` when ``None``.
-    resume: continue the runs in ``run_dir`` from their checkpoints.
-    echo: print the summary table.
+  cfg: Config
+  task: Any
+  methods: list[Any]
+  metric: str
+  run_dir: str
+  log: records.MetricsLog
+  runs: list[tuple[Any, Any, int]]
+  ckpts: dict[tuple[str, int], "_Checkpoints"]
+  mesh: Any
+  main_process: bool
 
-  Returns:
-    A :class:`RunResult` with the run directory, the metric records and the summary.
-  """
+
+def setup_run(
+  cfg: Config, task_entry: TaskEntry, *, run_dir: str | None = None, resume: bool = False
+) -> _Setup:
+  """Builds the task and every optimiser (rejecting bad values) and prepares the run directory."""
   exp = cfg.experiment
   dtype = _set_precision(exp.precision)
   mesh = make_mesh(exp.mesh)
   main_process = jax.process_index() == 0
-  task = task_entry.build(cfg.task, dtype)
-  if mesh is not None:
-    task.mesh, task.data_axis = mesh, exp.mesh.data_axis
-    _check_batch_splits(task)
-    task.train_data = sharding.replicate(task.train_data, mesh)
+  task = task_entry.build(cfg.task, dtype).on_mesh(mesh, exp.mesh.data_axis)
+  _check_batch_splits(task)
   methods = [
     opt_lib.build_method(opt, task, f"optimizers[{i}]") for i, opt in enumerate(cfg.optimizers)
   ]
@@ -285,53 +306,75 @@ def run_experiment(
         and r["step"] <= latest[(r["optimizer"], r["seed"])]
       )
     )
+  return _Setup(cfg, task, methods, metric, run_dir, log, runs, ckpts, mesh, main_process)
 
+
+def train(setup: _Setup, hooks: RunHooks | None = None) -> None:
+  """Trains every (optimiser, seed) pair of ``setup``, logging and checkpointing as it goes."""
+  hooks = hooks or RunHooks()
+  exp, task = setup.cfg.experiment, setup.task
   evaluate = jax.jit(task.evaluate)
   compiled: dict[str, Any] = {}  # label -> compiled training loop, shared by the seeds
-  kill_after = int(os.environ.get(_KILL_ENV, "0") or 0)
-  place = _placer(mesh)
+  place = _placer(setup.mesh)
   progress = _progress(
-    exp.progress and main_process, sum(_Budget(exp, o).steps for o, _, _ in runs)
+    exp.progress and setup.main_process, sum(_Budget(exp, o).steps for o, _, _ in setup.runs)
   )
   num_evals = 0
   try:
-    for opt, method, seed in runs:
+    for opt, method, seed in setup.runs:
       label = label_of(opt)
-      ck = ckpts[(label, seed)]
 
       def log_eval(params, step, wall, diagnostics, opt=opt, method=method, seed=seed, **extra):
         nonlocal num_evals
         values = jax.device_get(evaluate(params))
         num_evals += 1
-        if not main_process:  # every process evaluates (one SPMD program); one writes
-          return
-        rec = {"optimizer": label_of(opt), "seed": seed, "step": int(step), "wall_time": wall}
-        rec.update(extra)
-        rec.update({k: records.to_python(v) for k, v in values.items() if np.ndim(v) == 0})
-        arrays = {k: np.asarray(v) for k, v in values.items() if np.ndim(v) > 0}
-        if arrays:  # non-scalar evaluations (e.g. a spectral density) go to arrays/*.npz
-          os.makedirs(os.path.join(run_dir, "arrays"), exist_ok=True)
-          name = f"{_slug(label_of(opt))}-seed{seed}-step{int(step):07d}.npz"
-          np.savez(os.path.join(run_dir, "arrays", name), **arrays)
-        rec.update({k: records.to_python(v) for k, v in jax.device_get(diagnostics).items()})
-        rec.update(method.host_metrics(step))
-        log.append(rec)
-        if kill_after and num_evals >= kill_after:
-          os.kill(os.getpid(), 9)
-        if _INTERRUPT_AFTER_EVALS and num_evals >= _INTERRUPT_AFTER_EVALS:
-          raise KeyboardInterrupt
+        if setup.main_process:  # every process evaluates (one SPMD program); one writes
+          _write_record(setup, opt, method, seed, step, wall, values, diagnostics, extra)
+        if hooks.after_eval is not None:
+          hooks.after_eval(num_evals)
 
       run = _run_external if method.external is not None else _run_compiled
-      run(task, method, seed, _Budget(exp, opt), compiled, ck, log_eval, progress, label, place)
+      run(
+        task,
+        method,
+        seed,
+        _Budget(exp, opt),
+        compiled,
+        setup.ckpts[(label, seed)],
+        log_eval,
+        progress,
+        label,
+        place,
+        hooks.on_trace,
+      )
   finally:
     if progress is not None:
       progress.close()
-    for c in ckpts.values():
+    for c in setup.ckpts.values():
       c.close()
 
-  if not main_process:
+
+def _write_record(setup, opt, method, seed, step, wall, values, diagnostics, extra) -> None:
+  label = label_of(opt)
+  rec = {"optimizer": label, "seed": seed, "step": int(step), "wall_time": wall}
+  rec.update(extra)
+  rec.update({k: records.to_python(v) for k, v in values.items() if np.ndim(v) == 0})
+  arrays = {k: np.asarray(v) for k, v in values.items() if np.ndim(v) > 0}
+  if arrays:  # non-scalar evaluations (e.g. a spectral density) go to arrays/*.npz
+    os.makedirs(os.path.join(setup.run_dir, "arrays"), exist_ok=True)
+    name = f"{_slug(label)}-seed{seed}-step{int(step):07d}.npz"
+    np.savez(os.path.join(setup.run_dir, "arrays", name), **arrays)
+  rec.update({k: records.to_python(v) for k, v in jax.device_get(diagnostics).items()})
+  rec.update(method.host_metrics(step))
+  setup.log.append(rec)
+
+
+def summarise(setup: _Setup, *, echo: bool = True) -> RunResult:
+  """The summary table, ``summary.md`` and the comparison plot of a finished run."""
+  exp, task, metric, run_dir = setup.cfg.experiment, setup.task, setup.metric, setup.run_dir
+  if not setup.main_process:
     return RunResult(run_dir=run_dir, records=[], summary="")
-  recs = log.read()
+  recs = setup.log.read()
   extra = [m for m in task.summary_metrics if m != metric]
   extra += [m for m in ("epsilon", "compile_time") if any(m in r for r in recs)]
   rows = records.summarize(
@@ -342,11 +385,11 @@ def run_experiment(
   )
   best = records.best_row(rows, task.higher_is_better)
   header = (
-    f"## {exp.name}\n\ntask: {cfg.task.name} · precision: {exp.precision.value} · "
+    f"## {exp.name}\n\ntask: {setup.cfg.task.name} · precision: {exp.precision.value} · "
     f"seeds: {list(exp.seeds)} · budget: {exp.budget.steps} steps"
     + (f" / {exp.budget.seconds:g} s" if exp.budget.seconds else "")
     + f" · device: {jax.devices()[0].device_kind}"
-    + (f" · mesh: {dict(mesh.shape)}" if mesh is not None else "")
+    + (f" · mesh: {dict(setup.mesh.shape)}" if setup.mesh is not None else "")
     + "\n\n"
   )
   which = "highest" if task.higher_is_better else "lowest"
@@ -364,6 +407,35 @@ def run_experiment(
     print(summary)
     print(f"run directory: {run_dir}")
   return RunResult(run_dir=run_dir, records=recs, summary=summary, figure=fig)
+
+
+def run_experiment(
+  cfg: Config,
+  task_entry: TaskEntry,
+  *,
+  run_dir: str | None = None,
+  resume: bool = False,
+  echo: bool = True,
+  hooks: RunHooks | None = None,
+) -> RunResult:
+  """Runs the comparison described by ``cfg`` and writes its run directory.
+
+  :func:`setup_run` (build and validate), :func:`train`, then :func:`summarise`.
+
+  Args:
+    cfg: a validated :class:`~curvopt.experiment.config.Config`.
+    task_entry: the task family named by ``cfg.task.name``.
+    run_dir: where to write; a fresh ``output_dir/<name>/<timestamp>/`` when ``None``.
+    resume: continue the runs in ``run_dir`` from their checkpoints.
+    echo: print the summary table.
+    hooks: optional :class:`RunHooks` (tests count traces and interrupt runs with them).
+
+  Returns:
+    A :class:`RunResult` with the run directory, the metric records and the summary.
+  """
+  setup = setup_run(cfg, task_entry, run_dir=run_dir, resume=resume)
+  train(setup, hooks)
+  return summarise(setup, echo=echo)
 
 
 def _progress(enabled: bool, total: int):
@@ -394,7 +466,7 @@ def _keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def _run_compiled(
-  task, method, seed, budget, cache, ck, log_eval, progress, label, place=lambda c: c
+  task, method, seed, budget, cache, ck, log_eval, progress, label, place, on_trace
 ) -> None:
   steps, every = budget.steps, budget.every
   init_key, data_key, opt_key = _keys(seed)
@@ -414,10 +486,11 @@ def _run_compiled(
         progress.update(steps - step)
       return
   else:
-    log_eval(params, 0, 0.0, diagnostics)
+    log_eval(params, 0, 0.0, {})  # no optimiser diagnostics before the first step
 
-  def train(carry, data_key, start, num_steps):
-    TRACE_COUNTS[label] += 1
+  def train_loop(carry, data_key, start, num_steps):
+    if on_trace is not None:
+      on_trace(label)
 
     def body(i, carry):
       return method.step(*carry[:2], data_key, start + i)
@@ -430,7 +503,7 @@ def _run_compiled(
     jit_kwargs = {}
     if task.mesh is not None:  # outputs placed like inputs, so every call fits the program
       jit_kwargs["out_shardings"] = jax.tree.map(lambda a: a.sharding, carry)
-    lowered = jax.jit(train, **jit_kwargs).lower(carry, data_key, jnp.int32(0), jnp.int32(1))
+    lowered = jax.jit(train_loop, **jit_kwargs).lower(carry, data_key, jnp.int32(0), jnp.int32(1))
     cache[label] = (lowered.compile(), time.perf_counter() - tic)
   compiled, compile_time = cache[label]
   last_save = time.perf_counter()
@@ -453,9 +526,10 @@ def _run_compiled(
 
 
 def _run_external(
-  task, method, seed, budget, cache, ck, log_eval, progress, label, place=lambda c: c
+  task, method, seed, budget, cache, ck, log_eval, progress, label, place, on_trace
 ) -> None:
   """Host-side baselines (scipy): rerun from the start unless a finished checkpoint exists."""
+  del cache, place, on_trace  # nothing is compiled as one program here
   steps, every = budget.steps, budget.every
   init_key, _, _ = _keys(seed)
   params = task.init_params(init_key)
@@ -495,6 +569,7 @@ def main(
   *,
   tasks: Mapping[str, Callable[[], TaskEntry]],
   prog: str = "run.py",
+  hooks: RunHooks | None = None,
 ) -> int:
   """Command line: ``run.py CONFIG.yaml [dotted.key=value ...]`` or ``run.py --resume RUN_DIR``.
 
@@ -503,6 +578,7 @@ def main(
     tasks: task name -> zero-argument loader of its :class:`TaskEntry` (modules are imported
       only when their task is used).
     prog: program name for the usage message.
+    hooks: optional :class:`RunHooks` passed to :func:`run_experiment`.
 
   Returns:
     The exit status: 0 on success, 2 for a config error.
@@ -533,7 +609,10 @@ def main(
   schemas = _LazySchemas(tasks)
   try:
     cfg = config_lib.load_config(source, overrides, tasks=schemas, optimizers=opt_lib.OPTIMIZERS)
-    run_experiment(cfg, tasks[cfg.task.name](), run_dir=args.resume, resume=bool(args.resume))
+    enable_compilation_cache()
+    run_experiment(
+      cfg, tasks[cfg.task.name](), run_dir=args.resume, resume=bool(args.resume), hooks=hooks
+    )
   except ConfigError as err:
     print(f"{prog}: error: {err}", file=sys.stderr)
     return 2

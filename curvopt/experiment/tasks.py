@@ -7,6 +7,7 @@ seed's data key and the step number, so a resumed run sees the same batches as a
 one.
 """
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -16,9 +17,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from curvopt import sharding
+from curvopt._typing import Params
 from curvopt.experiment.config import ConfigError
 
-Params = Any
 Batch = dict[str, jax.Array]
 
 
@@ -42,14 +43,26 @@ class Task:
   higher_is_better: bool = False
   summary_metrics: tuple[str, ...] = ()
   variants: tuple[str, ...] = ()
-  train_data: Batch = {}
   batch_size: int | None = None
-  mesh: Mesh | None = None
-  data_axis: str = "data"
 
   def __init__(self, cfg: Any, dtype: Any):
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
+    self.train_data: Batch = {}
+    self.mesh: Mesh | None = None
+    self.data_axis = "data"
+
+  def on_mesh(self, mesh: Mesh | None, data_axis: str = "data") -> "Task":
+    """A copy of this task whose steps split each batch over ``mesh`` (``self`` if ``None``).
+
+    The copy's training data is replicated on the mesh; ``self`` is left unchanged.
+    """
+    if mesh is None:
+      return self
+    placed = copy.copy(self)
+    placed.mesh, placed.data_axis = mesh, data_axis
+    placed.train_data = sharding.replicate(self.train_data, mesh)
+    return placed
 
   # ---- to override ----
   def init_params(self, key: jax.Array) -> Params:
@@ -102,17 +115,17 @@ class Task:
     """:meth:`batch`, split over the data-parallel mesh (what the optimisers' steps call)."""
     return self.constrain_batch(self.batch(data_key, step))
 
-  def newton_cg_args(self, variant: str | None, curvature: str) -> dict[str, Any]:
-    """Keyword arguments for :func:`curvopt.newton_cg.newton_cg` (``model_fn``/``loss_fn``)."""
+  def gauss_newton_split(self, variant: str | None) -> tuple[Callable, Callable] | None:
+    """``(model_fn, loss_fn)`` whose generalised Gauss-Newton matrix is the objective's.
+
+    ``model_fn(params, **batch) -> outputs`` and ``loss_fn(outputs, **batch) -> loss`` (each
+    naming the batch keys it uses), or ``None`` when the objective has no such split. The
+    default uses the task's ``model_fn`` and ``output_loss`` methods if it defines them.
+    """
     del variant
-    if curvature != "ggn":
-      return {}
-    if not hasattr(self, "model_fn") or not hasattr(self, "output_loss"):
-      raise ConfigError(
-        f"task {type(self).__name__} has no model/loss split, so curvature='ggn' is not "
-        "available; use curvature: hessian."
-      )
-    return {"model_fn": self.model_fn, "loss_fn": self.output_loss}
+    if hasattr(self, "model_fn") and hasattr(self, "output_loss"):
+      return self.model_fn, self.output_loss
+    return None
 
   def per_example_loss(self, params: Params, example: Batch) -> jax.Array:
     """Loss of one example (no leading axis): the batch objective on a batch of one."""

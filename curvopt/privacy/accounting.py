@@ -13,7 +13,11 @@ batch inside ``jit`` as indices padded to a fixed size with an ``is_padding`` ma
 picks that fixed size so that truncation is (almost) never needed.
 """
 
+import contextlib
+import logging
 import math
+import re
+import warnings
 from typing import Literal, NamedTuple
 
 import dp_accounting
@@ -43,6 +47,43 @@ def _accountant(accountant: Accountant) -> dp_accounting.PrivacyAccountant:
   if accountant == "pld":
     return dp_accounting.pld.PLDAccountant()
   raise ValueError(f"Unknown accountant {accountant!r}; expected one of {ACCOUNTANTS}.")
+
+
+class _CollectNonConvergence(logging.Filter):
+  """Swallows dp-accounting's per-order "failed to converge" records, keeping their orders."""
+
+  def __init__(self):
+    super().__init__()
+    self.orders: list[str] = []
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    if "failed to converge" not in message:
+      return True
+    order = re.search(r"alpha=([0-9]+(?:\.[0-9]+)?)", message)
+    self.orders.append(f"{float(order.group(1)):g}" if order else "?")
+    return False
+
+
+@contextlib.contextmanager
+def _summarised_accountant_warnings():
+  """One Python warning instead of one absl log line per non-converging Rényi order."""
+  collector = _CollectNonConvergence()
+  logger = logging.getLogger("absl")
+  logger.addFilter(collector)
+  try:
+    yield
+  finally:
+    logger.removeFilter(collector)
+    if collector.orders:
+      warnings.warn(
+        f"dp-accounting's RDP accountant skipped {len(collector.orders)} fractional Rényi "
+        f"order(s) whose series did not converge (alpha = {', '.join(collector.orders)}); "
+        "epsilon is the minimum over the remaining orders, still a valid upper bound. Use "
+        "accountant='pld' for a tighter value.",
+        RuntimeWarning,
+        stacklevel=4,
+      )
 
 
 def dp_sgd_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_accounting.DpEvent:
@@ -103,8 +144,9 @@ def epsilon(
     return 0.0
   if noise_multiplier == 0:
     return math.inf
-  acc.compose(dp_sgd_event(noise_multiplier, sample_rate, steps))
-  return float(acc.get_epsilon(float(delta)))
+  with _summarised_accountant_warnings():
+    acc.compose(dp_sgd_event(noise_multiplier, sample_rate, steps))
+    return float(acc.get_epsilon(float(delta)))
 
 
 def noise_multiplier_for_epsilon(

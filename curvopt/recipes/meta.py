@@ -19,9 +19,10 @@ the meta-gradient. Three ways to differentiate it:
   \tfrac\lambda2 \|\phi - \theta\|^2`, whose solution satisfies
   :math:`\partial\phi^\star/\partial\theta = (I + H/\lambda)^{-1}` with
   :math:`H = \nabla^2 L_{\mathrm{support}}(\phi^\star)`; the meta-gradient
-  :math:`(I + H/\lambda)^{-1} \nabla L_{\mathrm{query}}(\phi^\star)` is solved by conjugate
-  gradient on :func:`curvopt.products.hvp_fn` products, and memory does not depend on
-  ``inner_steps``.
+  :math:`(I + H/\lambda)^{-1} \nabla L_{\mathrm{query}}(\phi^\star)` is solved by
+  :func:`curvopt.linalg.cg.conjugate_gradient` on :func:`curvopt.curvature.products.hvp_fn`
+  products (its residual and status are reported in :class:`MamlAux`), and memory does not
+  depend on ``inner_steps``.
 """
 
 import functools
@@ -34,6 +35,7 @@ import numpy as np
 import optax
 
 from curvopt.curvature.products import hvp_fn
+from curvopt.linalg.cg import CGResult, conjugate_gradient
 
 Params = Any
 Batch = Any
@@ -49,10 +51,20 @@ class MamlAux(NamedTuple):
     inner_grad_norm: :math:`\|\nabla_\phi\|_2` of the inner objective at :math:`\phi`
       (the support loss, plus the proximal term for iMAML), stop-gradiented: the stationarity
       residual. iMAML's meta-gradient is exact only when it is near 0; check it.
+    implicit_solve: iMAML only (``None`` otherwise): the :class:`~curvopt.linalg.cg.CGResult`
+      of the conjugate-gradient solve :math:`(I + H/\lambda)\,u = \nabla
+      L_{\mathrm{query}}(\phi^\star)`, the same system (up to the scale of the outer
+      cotangent) that the backward pass of ``jax.grad(meta_loss)`` solves. ``x`` is this task's
+      implicit meta-gradient; ``relative_residual``, ``num_steps`` and ``status`` (a
+      :class:`~curvopt.linalg.status.SolverStatus` code) show whether ``cg_steps`` sufficed,
+      and ``min_curvature <= 0`` flags :math:`I + H/\lambda` not positive definite (the
+      implicit formula then does not hold). Stop-gradiented; costs one more solve in the
+      forward pass.
   """
 
   adapted_params: Params
   inner_grad_norm: jax.Array
+  implicit_solve: CGResult | None = None
 
 
 def _inner_loop(
@@ -107,6 +119,29 @@ def _negate(tree: Any) -> Any:
   return jax.tree.map(lambda g: g if g.dtype == jax.dtypes.float0 else -g, tree)
 
 
+#: Relative-residual tolerance of the iMAML solve.
+_CG_TOL = 1e-10
+
+
+def _implicit_solve(
+  support_loss: Callable[[Params], jax.Array],
+  phi: Params,
+  rhs: Params,
+  proximal_lambda: float,
+  cg_steps: int,
+) -> CGResult:
+  r"""CG for :math:`(I + H/\lambda)u = \mathrm{rhs}`, :math:`H = \nabla^2` support loss at φ.
+
+  Plain CG (no Steihaug exit), as iMAML prescribes: ``min_curvature`` reports an indefinite
+  system instead of stopping on it.
+  """
+  hessian_vp = hvp_fn(support_loss, phi)
+  matvec = lambda v: optax.tree.scale(1.0 / proximal_lambda, hessian_vp(v))
+  return conjugate_gradient(
+    matvec, rhs, damping=1.0, max_steps=cg_steps, tol=_CG_TOL, steihaug=False
+  )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _imaml_adapt(
   loss_fn, solve_fn, proximal_lambda, cg_steps, params, support, loss_consts, solve_consts
@@ -132,10 +167,9 @@ def _imaml_adapt_bwd(loss_fn, solve_fn, proximal_lambda, cg_steps, res, phi_bar)
   del solve_fn
   phi, support, loss_consts, solve_consts = res
   loss = lambda p, s, consts: loss_fn(p, s, *consts)
-  hessian_vp = hvp_fn(lambda p: loss(p, support, loss_consts), phi)
-  matvec = lambda v: optax.tree.add_scale(v, 1.0 / proximal_lambda, hessian_vp(v))
   # u = (I + H/λ)⁻¹ φ̄ is the cotangent of θ (∂φ*/∂θ = (I + H/λ)⁻¹, symmetric).
-  u, _ = jax.scipy.sparse.linalg.cg(matvec, phi_bar, tol=1e-10, maxiter=cg_steps)
+  support_loss = lambda p: loss(p, support, loss_consts)
+  u = _implicit_solve(support_loss, phi, phi_bar, proximal_lambda, cg_steps).x
   # Data cotangents from the same solve: ∂φ*/∂s = -(H + λI)⁻¹ ∂_s ∇_φ L(φ*, s), and the same
   # for values the loss closes over.
   _, vjp_data = jax.vjp(lambda s, c: jax.grad(loss)(phi, s, c), support, loss_consts)
@@ -201,10 +235,12 @@ def maml_loss(
     first_order: drop the second-order terms (FOMAML).
     implicit: use the implicit (iMAML) meta-gradient; needs ``proximal_lambda``.
     proximal_lambda: :math:`\lambda > 0`, strength of the pull towards ``params``.
-    cg_steps: conjugate-gradient iterations for the iMAML solve.
+    cg_steps: maximum conjugate-gradient iterations for the iMAML solve (it stops earlier
+      at a relative residual of ``1e-10``).
     has_aux: if true, ``meta_loss`` returns ``(loss, MamlAux(adapted_params,
-      inner_grad_norm))``, to use with ``jax.grad(..., has_aux=True)``; the inner-loop
-      residual shows whether adaptation converged.
+      inner_grad_norm, implicit_solve))``, to use with ``jax.grad(..., has_aux=True)``; the
+      inner-loop residual shows whether adaptation converged and, for iMAML, the CG result
+      whether the implicit solve did.
 
   Returns:
     ``meta_loss(params, support, query) -> scalar`` (or ``(scalar, MamlAux)``).
@@ -286,7 +322,11 @@ def maml_loss(
     )
     if has_aux:
       objective = _proximal_objective(loss_fn, proximal_lambda, params, support)
-      return loss_fn(phi, query), _aux(objective, phi)
+      fixed = jax.lax.stop_gradient((phi, support, query))
+      support_loss = lambda p: loss_fn(p, fixed[1])
+      query_grad = jax.grad(loss_fn)(fixed[0], fixed[2])
+      solve = _implicit_solve(support_loss, fixed[0], query_grad, proximal_lambda, cg_steps)
+      return loss_fn(phi, query), _aux(objective, phi)._replace(implicit_solve=solve)
     return loss_fn(phi, query)
 
   return imaml_loss

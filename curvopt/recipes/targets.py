@@ -81,7 +81,7 @@ def td0_loss(
     >>> theta = jnp.array([0.1, -0.1, 0.0])
     >>> s_tm1, s_t = jnp.array([1.0, 2.0, -1.0]), jnp.array([2.0, 1.0, 0.0])
     >>> update = -jax.grad(td0_loss, argnums=1)(value_fn, theta, s_tm1, 1.0, s_t)
-    >>> np.round(update, 6).tolist()
+    >>> np.round(np.asarray(update, float), 6).tolist()
     [1.2, 2.4, -1.2]
 
   References:

@@ -1,17 +1,14 @@
-"""Tests for curvopt.solvers against dense linear algebra and a NumPy reference CG."""
+"""Tests for curvopt.linalg.cg against dense linear algebra and a NumPy reference CG."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from linalg_problems import join, split
+from linalg_problems import spd as _spd
 
 from curvopt.linalg.cg import CG_STATUSES, conjugate_gradient
-
-
-def _spd(n, cond, seed, dtype=np.float64):
-  rng = np.random.default_rng(seed)
-  q, _ = np.linalg.qr(rng.normal(size=(n, n)))
-  return ((q * np.geomspace(1.0, cond, n)) @ q.T).astype(dtype)
+from curvopt.linalg.status import SolverStatus
 
 
 def _numpy_cg(a, b, steps):
@@ -36,8 +33,6 @@ def _numpy_cg(a, b, steps):
 def test_solves_spd_system_on_pytrees(dtype, rtol, use_jit):
   a = _spd(12, 50.0, 0, dtype)
   b = np.random.default_rng(1).normal(size=12).astype(dtype)
-  split = lambda v: {"w": v[:8].reshape(2, 4), "b": v[8:]}
-  join = lambda t: jnp.concatenate([t["w"].ravel(), t["b"]])
   matvec = lambda t: split(jnp.asarray(a) @ join(t))
   solve = lambda rhs: conjugate_gradient(matvec, rhs, tol=1e-12 if dtype == np.float64 else 1e-6)
   result = (jax.jit(solve) if use_jit else solve)(split(jnp.asarray(b)))
@@ -166,3 +161,108 @@ def test_misuse_raises():
     conjugate_gradient(lambda v: v, jnp.ones(2), max_steps=0)
   with pytest.raises(ValueError, match="x0"):
     conjugate_gradient(lambda v: v, jnp.ones(2), {"a": jnp.ones(2)})
+
+
+def test_status_enumeration_matches_historical_tuple():
+  assert CG_STATUSES[:5] == ("max_steps", "residual", "progress", "negative_curvature", "nonfinite")
+  for code, name in enumerate(CG_STATUSES):
+    assert SolverStatus(code).name.lower() == name
+    assert isinstance(SolverStatus.message(code), str) and SolverStatus.message(code)
+  assert SolverStatus.message(jnp.asarray(SolverStatus.NONFINITE)).startswith("A non-finite")
+  with pytest.raises(ValueError, match="Unknown solver status"):
+    SolverStatus.message(99)
+  result = conjugate_gradient(lambda v: -v, jnp.ones(2))
+  assert int(result.status) == SolverStatus.NEGATIVE_CURVATURE
+  assert not SolverStatus.is_converged(result.status)
+
+
+@pytest.mark.parametrize("damping", [0.5, jnp.asarray(0.5)])
+def test_damping_solves_shifted_system(damping):
+  a = _spd(10, 100.0, 10)
+  b = np.random.default_rng(11).normal(size=10)
+  result = jax.jit(
+    lambda d: conjugate_gradient(lambda v: jnp.asarray(a) @ v, jnp.asarray(b), damping=d, tol=1e-12)
+  )(damping)
+  np.testing.assert_allclose(result.x, np.linalg.solve(a + 0.5 * np.eye(10), b), rtol=1e-9)
+  x = np.asarray(result.x)
+  np.testing.assert_allclose(
+    result.quadratic_value, 0.5 * x @ (a + 0.5 * np.eye(10)) @ x - b @ x, rtol=1e-9
+  )
+
+
+@pytest.mark.parametrize("unroll", [3])
+@pytest.mark.parametrize(
+  "options",
+  [
+    {"tol": 1e-8},
+    {"tol": 0.0, "progress_tol": 5e-3},
+    {"tol": 0.0, "max_steps": 17},
+    {"tol": 0.0, "backtrack_fn": lambda x: jnp.sum((x - 0.1) ** 2), "max_steps": 20},
+  ],
+)
+def test_unrolled_chunks_equal_plain_loop(unroll, options):
+  a = _spd(40, 1e3, 12)
+  b = jnp.asarray(np.random.default_rng(13).normal(size=40))
+  solve = lambda u: conjugate_gradient(lambda v: jnp.asarray(a) @ v, b, unroll=u, **options)
+  plain, chunked = jax.jit(lambda: solve(1))(), jax.jit(lambda: solve(unroll))()
+  for field, p, c in zip(plain._fields, plain, chunked, strict=True):
+    np.testing.assert_array_equal(p, c, err_msg=field)
+
+
+def test_unrolled_chunks_stop_on_negative_curvature_like_plain_loop():
+  a = np.diag([1.0, 2.0, 3.0, -0.5])
+  b = jnp.asarray([1.0, 1.0, 1.0, 1e-3])
+  plain = conjugate_gradient(lambda v: jnp.asarray(a) @ v, b, tol=0.0)
+  chunked = conjugate_gradient(lambda v: jnp.asarray(a) @ v, b, tol=0.0, unroll=4)
+  assert int(plain.status) == int(chunked.status) == SolverStatus.NEGATIVE_CURVATURE
+  np.testing.assert_array_equal(plain.x, chunked.x)
+  assert int(plain.num_steps) == int(chunked.num_steps)
+
+
+def test_residual_replacement_keeps_long_float32_solve_honest():
+  # A long float32 solve (hundreds of iterations, condition 1e4): the recursive residual drifts
+  # far below the true one, so plain CG reports convergence it did not reach. With residual
+  # replacement the reported residual is the true one and the solve does not claim success.
+  a = _spd(100, 1e4, 2)
+  b = np.random.default_rng(2).normal(size=100)
+  a32, b32 = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  true_residual = lambda x: np.linalg.norm(b - a @ np.asarray(x, np.float64)) / np.linalg.norm(b)
+  solve = jax.jit(
+    lambda every: conjugate_gradient(
+      lambda v: a32 @ v, b32, tol=1e-5, max_steps=600, recompute_residual_every=every
+    ),
+    static_argnums=0,
+  )
+  plain, replaced = solve(None), solve(10)
+  assert int(plain.status) == SolverStatus.RESIDUAL  # claims ||r|| <= 1e-5 ||b|| ...
+  assert true_residual(plain.x) > 10 * float(plain.relative_residual)  # ... but is far above
+  assert int(replaced.status) == SolverStatus.MAX_STEPS
+  np.testing.assert_allclose(replaced.relative_residual, true_residual(replaced.x), rtol=0.1)
+  # Both still solve the system to the float32 floor (forward error ~1e-5).
+  solution = np.linalg.solve(a, b)
+  for result in (plain, replaced):
+    error = np.linalg.norm(np.asarray(result.x, np.float64) - solution) / np.linalg.norm(solution)
+    assert error < 1e-4
+
+
+def test_residual_replacement_in_float64_reaches_same_solution():
+  a = _spd(60, 1e3, 14)
+  b = np.random.default_rng(15).normal(size=60)
+  result = conjugate_gradient(
+    lambda v: jnp.asarray(a) @ v,
+    jnp.asarray(b),
+    tol=1e-10,
+    max_steps=500,
+    recompute_residual_every=7,
+  )
+  assert int(result.status) == SolverStatus.RESIDUAL
+  np.testing.assert_allclose(result.x, np.linalg.solve(a, b), rtol=1e-7)
+  true = np.linalg.norm(b - a @ np.asarray(result.x)) / np.linalg.norm(b)
+  assert true < 1e-9
+
+
+def test_new_options_misuse_raises():
+  with pytest.raises(ValueError, match="unroll"):
+    conjugate_gradient(lambda v: v, jnp.ones(2), unroll=0)
+  with pytest.raises(ValueError, match="recompute_residual_every"):
+    conjugate_gradient(lambda v: v, jnp.ones(2), recompute_residual_every=0)

@@ -1,0 +1,78 @@
+"""Problems and assertions shared by the test modules (one place, as optimistix's helpers).
+
+* :func:`mlp_params` / :func:`mlp_apply`: a small tanh MLP over a pytree of parameters;
+* :func:`regression_problem`: that MLP on a smooth regression target, with the model/loss
+  split Newton-CG's Gauss-Newton curvature needs;
+* :func:`assert_tree_close`: leaf-by-leaf ``assert_allclose`` of two pytrees.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def assert_tree_close(actual: Any, expected: Any, rtol: float = 1e-10, atol: float = 0.0):
+  """``np.testing.assert_allclose`` on every pair of leaves (same structure required)."""
+  assert jax.tree.structure(actual) == jax.tree.structure(expected), (
+    jax.tree.structure(actual),
+    jax.tree.structure(expected),
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol),
+    actual,
+    expected,
+  )
+
+
+def mlp_params(key: Any, sizes: Sequence[int], dtype: Any = jnp.float64) -> list[dict]:
+  """``[{"w": (m, n), "b": (n,)}, ...]`` with LeCun-normal weights and small random biases."""
+  keys = jax.random.split(jax.random.key(key) if isinstance(key, int) else key, len(sizes) - 1)
+  params = []
+  for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True):
+    kw, kb = jax.random.split(k)
+    params.append(
+      {
+        "w": jax.random.normal(kw, (m, n), dtype) / np.sqrt(m),
+        "b": 0.1 * jax.random.normal(kb, (n,), dtype),
+      }
+    )
+  return params
+
+
+def mlp_apply(params: list[dict], x: jax.Array, activation: Callable = jnp.tanh) -> jax.Array:
+  """The MLP of :func:`mlp_params`: ``activation`` between layers, linear output."""
+  for layer in params[:-1]:
+    x = activation(x @ layer["w"] + layer["b"])
+  return x @ params[-1]["w"] + params[-1]["b"]
+
+
+class Regression(NamedTuple):
+  """A least-squares problem ``loss_fn(model_fn(params, x), y)``."""
+
+  params: Any
+  x: jax.Array
+  y: jax.Array
+  model_fn: Callable
+  loss_fn: Callable
+
+  def value_fn(self, params, x=None, y=None):
+    x = self.x if x is None else x
+    y = self.y if y is None else y
+    return self.loss_fn(self.model_fn(params, x), y)
+
+
+def regression_problem(
+  seed: int = 0, n: int = 32, sizes: Sequence[int] = (3, 5, 2), dtype: Any = jnp.float64
+) -> Regression:
+  """The MLP of :func:`mlp_params` fitted to ``(sin x0, x1 x2, ...)`` plus a little noise."""
+  k_params, k_x, k_noise = jax.random.split(jax.random.key(seed), 3)
+  params = mlp_params(k_params, sizes, dtype)
+  x = jax.random.normal(k_x, (n, sizes[0]), dtype)
+  targets = [jnp.sin(x[:, 0]), x[:, 1] * x[:, -1]]
+  y = jnp.stack([targets[i % 2] for i in range(sizes[-1])], axis=1)
+  y = y + 0.1 * jax.random.normal(k_noise, y.shape, dtype)
+  loss_fn = lambda z, y: 0.5 * jnp.mean(jnp.sum((z - y) ** 2, axis=-1))
+  return Regression(params, x, y, mlp_apply, loss_fn)
