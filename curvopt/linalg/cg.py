@@ -11,14 +11,13 @@ round-trip per iteration, ``jit``/``vmap``-able, and pytree-native (no ``ravel_p
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from curvopt._checks import check_choice
-from curvopt.linalg.layout import canonical_convolutions
+from curvopt.linalg.layout import ConvLayout, with_conv_layout
 from curvopt.linalg.status import CG_STATUSES, SolverStatus
 
 Matvec = Callable[[Any], Any]
@@ -114,7 +113,7 @@ def conjugate_gradient(
   backtrack_factor: float = 1.3,
   recompute_residual_every: int | None = None,
   unroll: int = 1,
-  conv_layout: Literal["auto", "canonical", "as_is"] = "auto",
+  conv_layout: ConvLayout = "auto",
 ) -> CGResult:
   r"""Truncated preconditioned conjugate gradient for :math:`A x = b`, over pytrees.
 
@@ -222,9 +221,7 @@ def conjugate_gradient(
   for name, value in (("recompute_residual_every", recompute_residual_every), ("unroll", unroll)):
     if value is not None and not (isinstance(value, int) and value >= 1):
       raise ValueError(f"{name} must be a positive int; got {value!r}.")
-  check_choice("conv_layout", conv_layout, ("auto", "canonical", "as_is"))
-  if conv_layout == "canonical" or (conv_layout == "auto" and jax.default_backend() == "cpu"):
-    matvec = canonical_convolutions(matvec)
+  matvec = with_conv_layout(matvec, conv_layout)
   if isinstance(damping, (int, float)) and damping == 0:
     operator = matvec
   else:

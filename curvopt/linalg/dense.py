@@ -15,6 +15,7 @@ from jax.flatten_util import ravel_pytree
 
 from curvopt._checks import check_choice
 from curvopt.linalg.cg import CGResult
+from curvopt.linalg.layout import with_conv_layout
 from curvopt.linalg.status import SolverStatus
 
 Matvec = Callable[[Any], Any]
@@ -38,6 +39,7 @@ def dense_matrix(matvec: Matvec, like: Any) -> jax.Array:
     [[2.0, 0.0], [1.0, 1.0]]
   """
   flat, unravel = ravel_pytree(like)
+  matvec = with_conv_layout(matvec)  # fast convolutions if this runs inside a loop on CPU
   basis = jnp.eye(flat.size, dtype=flat.dtype)
   columns = jax.vmap(lambda e: ravel_pytree(matvec(unravel(e)))[0])(basis)
   return columns.T

@@ -16,7 +16,7 @@ rewrite XLA performs on the entry computation, so it also happens inside loop bo
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +127,25 @@ def canonical_convolutions(fn: Callable[..., Any]) -> Callable[..., Any]:
     return jax.tree.unflatten(jax.tree.structure(out_shape), flat_out)
 
   return wrapped
+
+
+ConvLayout = Literal["auto", "canonical", "as_is"]
+CONV_LAYOUTS = ("auto", "canonical", "as_is")
+
+
+def with_conv_layout(
+  fn: Callable[..., Any], conv_layout: ConvLayout = "auto"
+) -> Callable[..., Any]:
+  """``canonical_convolutions(fn)`` for ``"canonical"``, and for ``"auto"`` on the CPU backend.
+
+  Raises:
+    ValueError: for an unknown ``conv_layout``.
+  """
+  if conv_layout not in CONV_LAYOUTS:
+    raise ValueError(f"Unknown conv_layout {conv_layout!r}; expected one of {CONV_LAYOUTS}.")
+  if conv_layout == "canonical" or (conv_layout == "auto" and jax.default_backend() == "cpu"):
+    return canonical_convolutions(fn)
+  return fn
 
 
 def _all_eqns(jaxpr: Any):

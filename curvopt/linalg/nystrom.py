@@ -31,6 +31,7 @@ import optax
 
 from curvopt._checks import check_choice
 from curvopt.linalg.cg import CGResult, conjugate_gradient
+from curvopt.linalg.layout import with_conv_layout
 
 Matvec = Callable[[Any], Any]
 
@@ -143,6 +144,9 @@ def nystrom_approximation(
   ]
   omega_t, _ = jnp.linalg.qr(jnp.concatenate(gaussian, axis=1).T)  # (n, rank), orthonormal
   omega = _unstack_rows(omega_t.T, like)
+  # Canonical convolutions on CPU: the sketch may run inside a loop or cond (lax.map, or a
+  # preconditioner refreshed every k optimiser steps), see curvopt.linalg.layout.
+  matvec = with_conv_layout(matvec)
   if batch_mode == "vmap":
     y_tree = jax.vmap(matvec)(omega)
   else:
