@@ -20,6 +20,10 @@ jax.config.update(
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
+# Tests (and the constants their modules build at import) use float64 where they ask for it.
+jax.config.update("jax_enable_x64", True)
+
+
 @pytest.fixture(autouse=True)
 def _precision(request, doctest_namespace):
   """The suite checks float32 and float64 side by side, so tests run with x64 enabled (each

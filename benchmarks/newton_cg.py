@@ -11,10 +11,14 @@
    permutation, as in Martens 2010, with Martens' diagonal preconditioner from 128 of those
    examples, damping floor 1e-3 and every finite step accepted), Adam (mini-batch 128, lr sweep)
    and optax.lbfgs (full batch). The data are jit arguments for every method (closing
-   over them as constants made XLA's CPU code for the CG loop ~2.7x slower).
+   over them as constants made XLA's CPU code for the CG loop ~2.7x slower). Newton-CG with
+   default settings, with the Nyström solver and with Martens' preconditioner are listed
+   too, with curvature products and time per step.
+3. First-call (trace + compile) time of one jitted training step, Newton-CG variants vs Adam.
 
-Usage: python benchmarks/newton_cg.py [--quick] [--only {logistic,autoencoder}]
-       [--plot benchmarks/results/newton_cg.png]
+Usage: PYTHONPATH=$PWD python benchmarks/newton_cg.py [--quick]
+       [--only {logistic,autoencoder,compile}] [--plot benchmarks/results/newton_cg.png]
+The machine is shared: run one part at a time, and read time ratios as noisy.
 """
 
 import argparse
@@ -400,15 +404,81 @@ def autoencoder_benchmark(epochs, ncg_steps, lbfgs_steps, plot):
   return curves
 
 
+# ------------------------------------------------------------------------- 3. compile time
+
+
+def compile_benchmark():
+  """First-call cost of one jitted training step: trace + lower, and XLA compile, separately.
+
+  On the autoencoder of part 2 (GGN, full batch). Variants switch off one part of the
+  Newton-CG step at a time, to see what dominates: the retry loop around the solve, the
+  reduction ratio (loss evaluations), the CG loop (replaced by a closed-form user solve), the
+  Martens preconditioner (per-example gradients).
+  """
+  x = jnp.asarray(load_digits().data / 16.0)
+  params0 = _init_autoencoder(jax.random.PRNGKey(0))
+  value_fn = value_fn_from_model(model_fn, loss_fn)
+  scaled_identity = lambda matvec, b, lam: optax.tree.scale(1.0 / (1.0 + lam), b)
+  variants = {
+    "adam": lambda: optax.adam(1e-3),
+    "newton_cg defaults": lambda: newton_cg(model_fn=model_fn, loss_fn=loss_fn),
+    "  no retries (max_retries=0)": lambda: newton_cg(
+      model_fn=model_fn, loss_fn=loss_fn, max_retries=0
+    ),
+    "  no rho (adapt_damping=False, accept_ratio=None)": lambda: newton_cg(
+      model_fn=model_fn, loss_fn=loss_fn, adapt_damping=False, accept_ratio=None
+    ),
+    "  no CG loop (closed-form user solve)": lambda: newton_cg(
+      model_fn=model_fn, loss_fn=loss_fn, solver=scaled_identity
+    ),
+    "  + martens preconditioner": lambda: newton_cg(
+      model_fn=model_fn, loss_fn=loss_fn, preconditioner="martens"
+    ),
+    "  solver='nystrom'": lambda: newton_cg(model_fn=model_fn, loss_fn=loss_fn, solver="nystrom"),
+  }
+  print("\n3. First call of a jitted training step (autoencoder, GGN): seconds")
+  print(f"{'variant':52s} {'trace+lower':>12s} {'compile':>8s} {'total':>7s} {'vs adam':>8s}")
+  adam_total = None
+  for name, make in variants.items():
+    tx = make()
+    is_adam = name == "adam"
+
+    def step(params, state, x, tx=tx, is_adam=is_adam):
+      value, grads = jax.value_and_grad(value_fn)(params, x=x)
+      if is_adam:
+        updates, state = tx.update(grads, state, params)
+      else:
+        updates, state = tx.update(grads, state, params, value=value, x=x)
+      return optax.apply_updates(params, updates), state
+
+    state = tx.init(params0)
+    t0 = time.perf_counter()
+    lowered = jax.jit(step).lower(params0, state, x)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    jax.block_until_ready(compiled(params0, state, x))
+    t3 = time.perf_counter()
+    total = t3 - t0
+    adam_total = total if is_adam else adam_total
+    print(f"{name:52s} {t1 - t0:12.2f} {t2 - t1:8.2f} {total:7.2f} {total / adam_total:7.1f}x")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
   parser.add_argument("--plot", default=None, help="PNG path for the autoencoder curves")
   parser.add_argument(
-    "--only", choices=("logistic", "autoencoder"), default=None, help="run one part only"
+    "--only",
+    choices=("logistic", "autoencoder", "compile"),
+    default=None,
+    help="run one part only",
   )
   args = parser.parse_args()
   print(f"jax {jax.__version__}, optax {optax.__version__}, device {jax.devices()[0]}")
+  if args.only == "compile":
+    compile_benchmark()
+    return
   if args.only != "autoencoder":
     logistic_benchmark(repeats=3 if args.quick else 5)
   if args.only == "logistic":

@@ -1,6 +1,6 @@
 """Per-example clipped gradient vs a plain mini-batch gradient: time and peak-memory ratios.
 
-    python benchmarks/per_example.py [--quick]
+    python benchmarks/per_example.py [--quick] [--only {tables,guard,transformer}]
 
 Models: an MLP 784-256-256-10 (ReLU) and a small CNN (two 3x3 convolutions, 8 and 16
 channels, on 28x28x1 inputs, then a dense layer to 10), softmax cross-entropy, float32.
@@ -12,6 +12,10 @@ Columns, each as a ratio to ``jax.grad`` of the batch-mean loss measured in the 
   on the host side of the loop (the naive reference);
 - ``ghost``: ``clipped_grad(method="ghost")``, included whenever it works.
 
+``--only guard`` measures the non-finite guard (issue 17) when every example is finite: the
+step time and the compile time of ``clipped_sum_fn`` as shipped against the same method pass
+with the guard removed (interleaved medians, so load drift hits both alike).
+
 Time: after a compile warm-up, ``block_until_ready``; each ratio is the median over rounds of
 (candidate time / plain time), the two timed back to back in each round (the machine may be
 shared). The plain-gradient column is its own median time. Peak memory: XLA's
@@ -22,6 +26,7 @@ that of one jitted per-example step.
 import argparse
 import functools
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -29,9 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import median_seconds, print_table  # noqa: E402
+from _timing import interleaved_median_seconds, median_seconds, print_table  # noqa: E402
 
 from curvopt import clipped_grad  # noqa: E402
+from curvopt.privacy import clipping  # noqa: E402
 
 CLIP = 1.0
 
@@ -169,15 +175,141 @@ def measure(name, loss_fn, params, batch, *, repeats, with_loop=True, with_chunk
   return row
 
 
+def transformer_params(key, d=256, heads=4, mlp=4):
+  ks = jax.random.split(key, 7)
+  dense = lambda k, a, b: jax.random.normal(k, (a, b), jnp.float32) / np.sqrt(a)
+  del heads
+  return {
+    "ln1": {"scale": jnp.ones(d, jnp.float32), "bias": jnp.zeros(d, jnp.float32)},
+    "q": dense(ks[0], d, d),
+    "k": dense(ks[1], d, d),
+    "v": dense(ks[2], d, d),
+    "o": dense(ks[3], d, d),
+    "ln2": {"scale": jnp.ones(d, jnp.float32), "bias": jnp.zeros(d, jnp.float32)},
+    "mlp_in": dense(ks[4], d, mlp * d),
+    "mlp_out": dense(ks[5], mlp * d, d),
+    "head": dense(ks[6], d, 10),
+  }
+
+
+def _layer_norm(x, p):
+  mu = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mu).mean(-1, keepdims=True)
+  return (x - mu) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
+
+
+def transformer_loss(params, example, heads=4):
+  """A pre-LayerNorm transformer block on one (T, d) sequence, mean-pooled to 10 logits."""
+  x = example["x"]
+  t, d = x.shape
+  h = _layer_norm(x, params["ln1"])
+  split = lambda z: z.reshape(t, heads, d // heads)
+  q, k, v = split(h @ params["q"]), split(h @ params["k"]), split(h @ params["v"])
+  att = jax.nn.softmax(jnp.einsum("thd,shd->hts", q, k) / np.sqrt(d // heads), axis=-1)
+  x = x + jnp.einsum("hts,shd->thd", att, v).reshape(t, d) @ params["o"]
+  x = x + jax.nn.gelu(_layer_norm(x, params["ln2"]) @ params["mlp_in"]) @ params["mlp_out"]
+  logits = x.mean(axis=0) @ params["head"]
+  return -jax.nn.log_softmax(logits)[example["y"]]
+
+
+def transformer_table(repeats, sizes=(32, 256), seq=128, d=256):
+  """Ghost and vmap against a plain gradient on a transformer block (issue 16's row)."""
+  params = transformer_params(jax.random.key(0), d)
+  rows = []
+  for size in sizes:
+    kx, ky = jax.random.split(jax.random.key(size))
+    batch = {
+      "x": jax.random.normal(kx, (size, seq, d), jnp.float32),
+      "y": jax.random.randint(ky, (size,), 0, 10),
+    }
+    plain = jax.jit(plain_grad_fn(transformer_loss))
+    fns = {"plain": lambda plain=plain, batch=batch: plain(params, batch)}
+    mems = {"plain": peak_bytes(plain_grad_fn(transformer_loss), params, batch)}
+    for method in ("vmap", "ghost"):
+      fn = clipped_grad(transformer_loss, CLIP, method=method)
+      jitted = jax.jit(fn)
+      fns[method] = lambda jitted=jitted, batch=batch: jitted(params, batch)
+      mems[method] = peak_bytes(fn, params, batch)
+    times = interleaved_median_seconds(fns, repeats=repeats, min_seconds=0.0)
+    rows.append(
+      [f"B={size}", f"{1e3 * times['plain']:.4g} ms", f"{mems['plain'] / 2**20:.4g} MiB"]
+      + [times[m] / times["plain"] for m in ("vmap", "ghost")]
+      + [mems[m] / mems["plain"] for m in ("vmap", "ghost")]
+    )
+  print_table(
+    f"Transformer block (seq {seq}, d {d}, 4 heads), ratios to a plain mini-batch gradient",
+    ["batch", "plain time", "plain memory", "vmap time", "ghost time", "vmap mem", "ghost mem"],
+    rows,
+  )
+
+
+def _unguarded_pass(run, loss_fn, params, batch, is_padding, weights_of):
+  """The method pass alone, as before the non-finite guard (for the guard's cost only)."""
+  del loss_fn, params, weights_of
+  total, sq = run(batch, is_padding)
+  return total, sq, jnp.zeros(is_padding.shape, bool)
+
+
+def _compile_seconds(fn, *args):
+  t0 = time.perf_counter()
+  jax.jit(fn).lower(*args).compile()
+  return time.perf_counter() - t0
+
+
+def guard_cost(repeats):
+  """Step and compile time of the guarded clipped sum over the unguarded pass, all finite."""
+  key = jax.random.key(0)
+  rows = []
+  models = [("MLP", mlp_loss, mlp_params(key)), ("CNN", cnn_loss, cnn_params(key))]
+  for name, loss_fn, params in models:
+    batch = make_batch(jax.random.key(1), 256)
+    for method in ("vmap", "ghost"):
+      fns, compiles = {}, {}
+      for label, guard in (("unguarded", _unguarded_pass), ("guarded", clipping.guarded_pass)):
+        clipping.guarded_pass = guard
+        fn = clipping.clipped_sum_fn(loss_fn, CLIP, method=method)
+        compiles[label] = _compile_seconds(fn, params, batch)
+        jitted = jax.jit(fn)
+        jax.block_until_ready(jitted(params, batch))
+        fns[label] = lambda jitted=jitted: jitted(params, batch)
+      clipping.guarded_pass = _GUARDED
+      times = interleaved_median_seconds(fns, repeats=10 * repeats)
+      rows.append(
+        [
+          f"{name} B=256",
+          method,
+          f"{1e3 * times['unguarded']:.3g} ms",
+          times["guarded"] / times["unguarded"],
+          f"{compiles['unguarded']:.2g} s",
+          compiles["guarded"] / compiles["unguarded"],
+        ]
+      )
+  print_table(
+    "Non-finite guard, every example finite: guarded / unguarded",
+    ["model", "method", "unguarded step", "step ratio", "unguarded compile", "compile ratio"],
+    rows,
+  )
+
+
+_GUARDED = clipping.guarded_pass
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="fewer repeats")
+  parser.add_argument("--only", choices=["tables", "guard", "transformer"], default=None)
   args = parser.parse_args()
   repeats = 3 if args.quick else 7
   key = jax.random.key(0)
   print(
     f"# per-example clipping benchmark on {jax.devices()[0].device_kind} ({jax.default_backend()})"
   )
+  if args.only in (None, "guard"):
+    guard_cost(repeats)
+  if args.only in (None, "transformer"):
+    transformer_table(repeats)
+  if args.only in ("guard", "transformer"):
+    return
 
   columns = ["vmap", "chunked", "loop", "ghost"]
   rows_t, rows_m = [], []

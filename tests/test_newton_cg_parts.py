@@ -144,35 +144,25 @@ def test_dense_solver_on_indefinite_matrix_is_saddle_free_and_flags_it():
   assert bool(result.negative_curvature) and float(result.min_curvature) == -0.5
 
 
-def test_nystrom_sketch_is_exact_on_a_low_rank_matrix():
+def test_nystrom_solver_is_exact_on_a_low_rank_curvature():
+  # C of rank 3 is captured exactly by a rank-3 sketch: P^-1 (C + mu I) has two distinct
+  # eigenvalues, so preconditioned CG solves in two steps.
   rng = np.random.default_rng(5)
   u = np.linalg.qr(rng.normal(size=(9, 3)))[0]
-  c = u @ np.diag([5.0, 2.0, 0.5]) @ u.T  # rank 3
+  c = u @ np.diag([5.0, 2.0, 0.5]) @ u.T
   split, matvec = _pytree_operator(c)
   params = split(jnp.zeros(9))
-  sketch = jax.jit(lambda p, k: solvers.nystrom_sketch(matvec, p, 3, k))(
-    params, jax.random.PRNGKey(0)
-  )
-  np.testing.assert_allclose(sketch.eigenvalues, [5.0, 2.0, 0.5], rtol=1e-8)
-  basis = np.stack([ravel_pytree(jax.tree.map(lambda a: a[i], sketch.basis))[0] for i in range(3)])
-  np.testing.assert_allclose(basis.T @ np.diag(sketch.eigenvalues) @ basis, c, atol=1e-10)
-  # The preconditioner against its closed form, P^-1 = (l_r + mu) U (L + mu)^-1 U^T + I - UU^T.
   mu = 0.1
-  p_inv = (0.5 + mu) * basis.T @ np.diag(1 / (np.asarray(sketch.eigenvalues) + mu)) @ basis
-  p_inv += np.eye(9) - basis.T @ basis
-  apply = solvers.nystrom_preconditioner(sketch, mu)
-  r = rng.normal(size=9)
-  np.testing.assert_allclose(ravel_pytree(apply(split(jnp.asarray(r))))[0], p_inv @ r, rtol=1e-10)
-  # P^-1 (C + mu I) has two distinct eigenvalues: preconditioned CG solves in two steps.
   solver = solvers.nystrom_solver(solvers.SolverOptions(rank=3, progress_tol=None))
   b = split(jnp.asarray(rng.normal(size=9)))
 
   @jax.jit
   def solve(params, b):
-    _, work = solver.prepare(matvec, params, solver.init(params), jnp.zeros((), jnp.int32))
-    return solver.solve(matvec, b, mu, None, work, tol=1e-10)
+    state, work = solver.prepare(matvec, params, solver.init(params), jnp.zeros((), jnp.int32))
+    return state, solver.solve(matvec, b, mu, None, work, tol=1e-10)
 
-  result = solve(params, b)
+  state, result = solve(params, b)
+  np.testing.assert_allclose(state.approximation.eigenvalues, [5.0, 2.0, 0.5], rtol=1e-8)
   assert int(result.num_steps) <= 2
   np.testing.assert_allclose(
     ravel_pytree(result.x)[0], np.linalg.solve(c + mu * np.eye(9), ravel_pytree(b)[0]), rtol=1e-8
@@ -189,7 +179,7 @@ def test_nystrom_state_refreshes_every_k_updates():
   eigenvalues = []
   for count in range(7):
     state, _ = prepare(matvec, params, state, jnp.asarray(count))
-    eigenvalues.append(np.asarray(state.eigenvalues))
+    eigenvalues.append(np.asarray(state.approximation.eigenvalues))
   # New sketches (new keys) at counts 0, 3 and 6 only; the top eigenvalue is close to a's.
   changed = [not np.array_equal(eigenvalues[i], eigenvalues[i - 1]) for i in range(1, 7)]
   assert changed == [False, False, True, False, False, True]
@@ -220,31 +210,44 @@ def test_newton_cg_solvers_agree_with_the_dense_damped_solve(solver):
   expected = np.linalg.solve(c + lam * np.eye(flat_g.size), flat_g)
   np.testing.assert_allclose(ravel_pytree(d)[0], expected, rtol=1e-7, atol=1e-10)
   if solver == "nystrom":  # the sketch is kept in the state
-    assert state.solver_state.eigenvalues.shape == (8,)
+    assert state.solver_state.approximation.eigenvalues.shape == (8,)
 
 
-def test_user_solver_function_is_one_function():
+def test_a_linalg_solve_fn_plugs_in_as_the_solver():
+  # Any function following curvopt.linalg.solve's protocol is a solver: here a Jacobi-
+  # preconditioned Richardson iteration written by the user.
   params, x, y, model_fn, loss_fn = _mlp_problem(1)
   value_fn = value_fn_from_model(model_fn, loss_fn)
   g = jax.grad(value_fn)(params, x=x, y=y)
+  lam = 0.5
 
-  def jacobi_richardson(matvec, b, lam):  # a few damped Jacobi sweeps: a user-defined solve
-    x = optax.tree.scale(1.0 / (1.0 + lam), b)
-    for _ in range(3):
-      x = optax.tree.add(
-        x, optax.tree.scale(0.2, optax.tree.sub(b, optax.tree.add_scale(matvec(x), lam, x)))
-      )
-    return x
+  def richardson(matvec, b, x0=None, *, damping=0.0, preconditioner=None, max_steps=100, tol=0):
+    del x0, preconditioner, tol
+    damped = lambda v: optax.tree.add_scale(matvec(v), damping, v)
+    x = optax.tree.zeros_like(b)
+    for _ in range(3):  # a fixed, small number of sweeps
+      x = optax.tree.add_scale(x, 0.2, optax.tree.sub(b, damped(x)))
+    quad = 0.5 * optax.tree.vdot(x, damped(x)) - optax.tree.vdot(b, x)
+    zero = jnp.zeros((), jnp.int32)
+    return solvers.CGResult(x, zero, quad, quad, zero, False, True, zero, jnp.inf)
 
-  tx = scale_by_newton_cg("ggn", model_fn=model_fn, loss_fn=loss_fn, solver=jacobi_richardson)
-  d, state = tx.update(g, tx.init(params), params, x=x, y=y)
-  ggn = curvatures.CURVATURES["ggn"](curvatures.CurvatureSpec(model_fn, loss_fn, None))
-  matvec = ggn(params, None, {"x": x, "y": y})
-  lam = 1.0 if int(state.info.num_trials) == 1 else None
-  assert lam is not None  # accepted at the first trial, with the initial damping
-  np.testing.assert_allclose(
-    ravel_pytree(d)[0], ravel_pytree(jacobi_richardson(matvec, g, lam))[0], rtol=1e-10
+  tx = scale_by_newton_cg(
+    "ggn", model_fn=model_fn, loss_fn=loss_fn, damping=lam, accept_ratio=None, solver=richardson
   )
+  d, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, x=x, y=y))(g, tx.init(params), params)
+  c = _dense_ggn(params, x, y, model_fn, loss_fn) + lam * np.eye(ravel_pytree(g)[0].size)
+  expected, flat_g = np.zeros_like(c[0]), np.asarray(ravel_pytree(g)[0])
+  for _ in range(3):
+    expected = expected + 0.2 * (flat_g - c @ expected)
+  np.testing.assert_allclose(ravel_pytree(d)[0], expected, rtol=1e-8)
+  # The library's dense solve, through the same protocol, is the exact damped solve.
+  from curvopt.linalg.dense import dense_solve
+
+  tx = scale_by_newton_cg(
+    "ggn", model_fn=model_fn, loss_fn=loss_fn, damping=lam, accept_ratio=None, solver=dense_solve
+  )
+  d, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, x=x, y=y))(g, tx.init(params), params)
+  np.testing.assert_allclose(ravel_pytree(d)[0], np.linalg.solve(c, flat_g), rtol=1e-8)
 
 
 # ---------------------------------------------------------------------------- registries

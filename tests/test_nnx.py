@@ -13,10 +13,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+import curvopt
 from curvopt.autodiff.derivatives import empirical_ntk, hessian, jacobian
 from curvopt.curvature.estimators import hutchinson_diagonal, hutchinson_trace, top_eigenvalues
 from curvopt.curvature.products import empirical_fisher_fn, ggn_fn, ggn_vp, hvp, hvp_fn
@@ -243,3 +245,108 @@ def test_curvopt_does_not_import_flax():
   code = "import sys, curvopt; print(any(m.split('.')[0] == 'flax' for m in sys.modules))"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: the README's flax nnx section, with no split/merge in user code.
+
+
+class SmallCNN(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+    self.bn = nnx.BatchNorm(4, rngs=rngs)
+    self.lin = nnx.Linear(4 * 6 * 6, 3, rngs=rngs)
+
+  def __call__(self, x):
+    h = nnx.relu(self.bn(self.conv(x)))
+    return self.lin(h.reshape(h.shape[0], -1))
+
+
+def _digits_like():
+  kx, ky = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, (32, 6, 6, 1))
+  y = jax.random.randint(ky, (32,), 0, 3)
+  return x, y
+
+
+def _xent_int(logits, y):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def test_end_to_end_cnn_with_batchnorm_curvature_and_newton_cg():
+  x, y = _digits_like()
+  model = SmallCNN(nnx.Rngs(0))
+  loss = lambda m: _xent_int(m(x), y)
+
+  # Curvature at the model, in training mode (BatchNorm uses batch statistics).
+  grads = nnx.grad(loss)(model)  # an nnx.State of the Params
+  hg = curvopt.hvp(loss, model, grads)
+  top = curvopt.top_eigenvalues(curvopt.hvp_fn(loss, model), model, 0, k=2, num_iters=20)
+  # Checks: Hg against the split/merge composition by hand, and the Ritz pair's residual
+  # ‖H y − θ y‖ recomputed with hvp (not taken from Lanczos).
+  pure, params = _by_hand(loss, model)
+  want = jax.jvp(jax.grad(pure), (params,), (grads,))[1]
+  _assert_state_close(hg, want, rtol=1e-5)
+  y0 = jax.tree.map(lambda a: a[0], top.eigenvectors)
+  residual = optax.tree.norm(
+    optax.tree.sub(curvopt.hvp(loss, model, y0), optax.tree.scale(top.eigenvalues[0], y0))
+  )
+  assert float(residual) <= 1e-2 * abs(float(top.eigenvalues[0]))
+  assert abs(float(top.eigenvalues[0])) >= abs(float(top.eigenvalues[1]))
+
+  # Newton-CG (Gauss-Newton) through nnx.Optimizer: the Module goes in, no split/merge.
+  tx = curvopt.newton_cg(
+    model_fn=lambda m, x: m(x), loss_fn=lambda out, y: _xent_int(out, y), module=model
+  )
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    value, grads = nnx.value_and_grad(lambda m: _xent_int(m(x), y))(model)
+    optimizer.update(model, grads, x=x, y=y)
+    return value
+
+  losses = [float(train_step(model, optimizer, x, y)) for _ in range(10)]
+  assert np.all(np.isfinite(losses)) and losses[-1] < 0.3 * losses[0]
+  # Diagnostics through nnx.Optimizer are OptArray variables: read them with [...].
+  state = optimizer.opt_state[0]
+  assert float(state.damping[...]) > 0 and int(state.info.num_failed[...]) == 0
+  assert np.isfinite(float(state.info.rho[...]))
+
+
+@pytest.mark.xfail(
+  strict=True,
+  reason="needs dp_sgd to read the ghost ClippedSum that nnx.Optimizer turns into a State, and "
+  "ghost clipping of an nnx Module's Param state (issue 15, privacy helper): today "
+  "'The leaves of updates (per-example gradients) disagree on the leading (example) axis'. "
+  "Remove this marker when it lands.",
+)
+def test_end_to_end_ghost_dp_sgd_through_nnx_optimizer():
+  x, y = _digits_like()
+  model = SmallCNN(nnx.Rngs(0))
+  model.eval()  # DP: BatchNorm uses running statistics (no cross-example coupling)
+  example_loss = lambda m, ex: _xent_int(m(ex["x"][None]), ex["y"][None])
+  batch = {"x": x, "y": y}
+
+  # The expected step by hand: per-example gradients of the Param state (split/merge), each
+  # clipped to norm 1, summed; zero noise; SGD at 0.5 on the sum over the expected batch size.
+  pure, params = _by_hand(example_loss, model)
+  per_example = jax.vmap(jax.grad(pure), (None, 0))(params, batch)
+  flat = jax.vmap(lambda g: ravel_pytree(g)[0])(per_example)
+  norms = jnp.linalg.norm(flat, axis=1)
+  clipped = flat * jnp.minimum(1.0, 1.0 / norms)[:, None]
+  expected = -0.5 * clipped.sum(0) / 32
+  assert float(norms.max()) > 1.0  # some examples are clipped
+
+  clipped_sum = curvopt.clipped_sum_fn(example_loss, 1.0, method="ghost")
+  tx = curvopt.dp_sgd(0.5, l2_norm_clip=1.0, noise_multiplier=0.0, key=0, expected_batch_size=32)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def dp_step(model, optimizer, batch):
+    optimizer.update(model, clipped_sum(model, batch))
+
+  before = ravel_pytree(nnx.state(model, nnx.Param))[0]
+  dp_step(model, optimizer, batch)
+  after = ravel_pytree(nnx.state(model, nnx.Param))[0]
+  np.testing.assert_allclose(after - before, expected, rtol=1e-4, atol=1e-6)

@@ -212,9 +212,13 @@ def test_no_recompilation_across_padding_masks():
     return loss_fn(p, ex)
 
   fn = jax.jit(clipped_grad(counted_loss, 1.0))
-  for n_pad in range(4):
+  fn(params, batch, jnp.arange(B) >= B)
+  # traced by the shape check, the batched pass and the non-finite guard's one-at-a-time pass
+  traced_once = len(traces)
+  for n_pad in range(1, 4):
     fn(params, batch, jnp.arange(B) >= B - n_pad)
-  assert len(traces) == 1
+  assert len(traces) == traced_once
+  assert fn._cache_size() == 1
 
 
 def test_optax_would_poison_the_sum():
@@ -444,3 +448,60 @@ def test_dp_sgd_logistic_regression_on_digits_beats_80_percent():
   assert int(truncated.sum()) == 0 and int(state[0].count) == steps
   assert accuracy > 0.8, (accuracy, eps)
   assert 0 < eps < np.inf
+
+
+# ------------------------------------------------------------------------------------------
+# Named errors for misuse (issue 15).
+
+
+@pytest.mark.parametrize("method, chunk_size", [("vmap", None), ("vmap", 3), ("ghost", None)])
+def test_non_scalar_per_example_loss_is_a_named_error_for_every_method(method, chunk_size):
+  params, batch = init_params(jnp.float32), make_batch(jnp.float32)
+
+  def vector_loss(p, ex):
+    return jnp.tanh(ex["x"] @ p["hidden"]["w"])  # shape (4,): forgot to reduce
+
+  fn = clipped_grad(vector_loss, 1.0, method=method, chunk_size=chunk_size)
+  with pytest.raises(ValueError, match=r"one scalar per example.*\(4,\).*ONE example"):
+    fn(params, batch)
+  with pytest.raises(ValueError, match=r"one scalar per example.*\(4,\)"):
+    per_example_grads(vector_loss, params, batch, chunk_size=chunk_size)
+
+
+def test_dp_sgd_update_with_a_missing_leaf_is_a_named_error_at_update_time():
+  params, batch = init_params(jnp.float32), make_batch(jnp.float32)
+  grads = per_example_grads(loss_fn, params, batch)
+  missing = {"hidden": {"w": grads["hidden"]["w"]}, "out": grads["out"]}  # no "b"
+  opt = dp_sgd(0.1, l2_norm_clip=1.0, noise_multiplier=0.0, key=0)
+  state = opt.init(params)
+  with pytest.raises(ValueError, match="same pytree structure as params.*every parameter leaf"):
+    opt.update(missing, state, params)
+  wrong_shape = dict(grads, out=grads["out"][:, :3])
+  with pytest.raises(ValueError, match=r"\['out'\] has shape \(3, 2\).*leading example axis"):
+    opt.update(wrong_shape, state, params)
+  clipped = clipped_sum_fn(loss_fn, 1.0)(params, batch)
+  bad_sum = clipped._replace(sum={"hidden": clipped.sum["hidden"]})
+  with pytest.raises(ValueError, match="ClippedSum's sum"):
+    opt.update(bad_sum, state, params)
+  # the well-formed inputs pass, under jit too
+  jax.jit(opt.update)(grads, state, params)
+  jax.jit(opt.update)(clipped, state, params)
+
+
+def test_keys_int_numpy_raw_and_typed_seeds_agree():
+  """dp_sgd takes the seeds the rest of the library takes; they give the same noise."""
+  params = jnp.zeros(3)
+  g = jnp.ones((2, 3))
+  outs = []
+  for key in [0, np.int64(0), jnp.int32(0), jax.random.key(0), jax.random.PRNGKey(0)]:
+    tx = dp_aggregate(1.0, 1.0, key, expected_batch_size=2)
+    out, _ = tx.update(g, tx.init(params))
+    outs.append(np.asarray(out))
+  for out in outs[1:]:
+    np.testing.assert_array_equal(out, outs[0])
+  with pytest.raises(TypeError, match="key must be"):
+    dp_sgd(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, key=0.5)
+  with pytest.raises(TypeError, match="key must be"):
+    dp_sgd(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, key=True)
+  with pytest.raises(TypeError, match="single key"):
+    dp_sgd(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, key=jax.random.split(jax.random.key(0)))

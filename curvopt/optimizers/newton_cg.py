@@ -61,8 +61,8 @@ class NewtonCGInfo(NamedTuple):
       ``-inf`` for a non-finite step, ``nan`` when no objective was available to measure it.
     loss: the objective at the parameters the update was computed at.
     cg_steps: curvature products spent in this update's solves, all trials together.
-    cg_status: why the last solve stopped, an index into
-      :data:`curvopt.linalg.cg.CG_STATUSES`.
+    cg_status: why the last solve stopped, a :class:`curvopt.linalg.status.SolverStatus`
+      code (``SolverStatus.message(int(code))`` explains it).
     negative_curvature: whether the last solve met non-positive curvature.
     num_trials: solves in this update (``1`` + retries).
     num_rejected: total number of rejected trial steps so far (non-finite, or
@@ -254,14 +254,14 @@ def _module_model_fn(model_fn: Callable[..., Any], module: Any) -> Callable[...,
 def _make_solver(
   solver: Any, max_steps: int, progress_tol: Any, rank: int, refresh_every: Any
 ) -> solvers_lib.LinearSolver:
-  if isinstance(solver, solvers_lib.LinearSolver):
-    return solver
-  if callable(solver):
-    return solvers_lib.from_function(solver)
-  _checks.check_choice("solver", solver, tuple(solvers_lib.SOLVERS))
   options = solvers_lib.SolverOptions(
     max_steps=max_steps, progress_tol=progress_tol, rank=rank, refresh_every=refresh_every
   )
+  if isinstance(solver, solvers_lib.LinearSolver):
+    return solver
+  if callable(solver):
+    return solvers_lib.from_solve_fn(solver, options)
+  _checks.check_choice("solver", solver, tuple(solvers_lib.SOLVERS))
   return solvers_lib.SOLVERS[solver](options)
 
 
@@ -346,8 +346,9 @@ def scale_by_newton_cg(
   CG preconditioned by a rank-``nystrom_rank`` randomized Nyström approximation of :math:`C`
   refreshed every ``nystrom_refresh`` updates (Frangella, Tropp and Udell 2023); ``"dense"``,
   the exact solve from the dense curvature (small models: the Gauss-Newton /
-  Levenberg-Marquardt step); a :class:`~curvopt.optimizers.solvers.LinearSolver`; or a
-  function ``(matvec, b, damping) -> x``.
+  Levenberg-Marquardt step); a :class:`~curvopt.optimizers.solvers.LinearSolver`; or any
+  solver following :mod:`curvopt.linalg.solve`'s protocol (e.g.
+  ``curvopt.linalg.dense.dense_solve``).
 
   **Preconditioner** (``"cg"`` only): ``"martens"`` uses
   :math:`M = (\mathrm{diag}(\frac1B \sum_i g_i^2) + \lambda)^{\alpha}` with
@@ -376,7 +377,8 @@ def scale_by_newton_cg(
     accept_ratio: trials with :math:`\rho \le` ``accept_ratio`` are rejected and re-solved;
       ``None`` accepts every finite trial.
     max_retries: re-solves per update after rejected trials (``0``: none).
-    solver: ``"cg"``, ``"nystrom"``, ``"dense"``, a ``LinearSolver`` or a function.
+    solver: ``"cg"``, ``"nystrom"``, ``"dense"``, a ``LinearSolver`` or a ``curvopt.linalg``
+      ``SolveFn``.
     cg_max_steps: CG iterations per solve at most (static; ``None`` means 100).
     cg_tol: relative residual tolerance, or ``"forcing"`` for the superlinear forcing sequence
       :math:`\min(\tfrac12, \sqrt{\|g\|})` of scipy's Newton-CG (Nocedal and Wright, 7.1).
@@ -570,7 +572,8 @@ def scale_by_newton_cg(
         safe_d = optax.tree.where(finite, d, optax.tree.zeros_like(d))
         new_loss = objective(optax.tree.sub(params, safe_d)).astype(dtype)
         finite = finite & jnp.isfinite(loss) & jnp.isfinite(new_loss)
-        rho = damping_lib.reduction_ratio(new_loss - loss, result.quadratic_value.astype(dtype))
+        predicted = jnp.asarray(result.quadratic_value, dtype)
+        rho = damping_lib.reduction_ratio(new_loss - loss, predicted)
         rho = jnp.where(finite, rho, -jnp.inf).astype(dtype)
       accept = finite if accept_ratio is None else finite & (rho > accept_ratio)
       return result, d, rho, accept
@@ -604,10 +607,10 @@ def scale_by_newton_cg(
         d=d,
         rho=rho,
         accept=accept,
-        steps=c.steps + result.num_steps.astype(jnp.int32),
-        status=result.status.astype(jnp.int32),
-        negative=result.negative_curvature,
-        min_curvature=result.min_curvature.astype(dtype),
+        steps=c.steps + jnp.asarray(result.num_steps, jnp.int32),
+        status=jnp.asarray(result.status, jnp.int32),
+        negative=jnp.asarray(result.negative_curvature, bool),
+        min_curvature=jnp.asarray(result.min_curvature, dtype),
       )
 
     x0 = optax.tree.scale(jnp.asarray(warm_start, dtype), state.direction)

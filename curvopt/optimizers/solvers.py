@@ -1,19 +1,24 @@
 r"""Linear-solver registry of Newton-CG for the damped system :math:`(C + \lambda I)\, d = g`.
 
-A solver is a :class:`LinearSolver`, three pure functions:
+The linear algebra lives in :mod:`curvopt.linalg` (truncated CG, the Nyström approximation
+and preconditioner, the dense matrix); this module adapts it to an optimiser that solves one
+system per trial step and may keep solver state between steps. A solver here is a
+:class:`LinearSolver`, three pure functions:
 
 * ``init(params) -> state``: what the solver keeps between updates (a Nyström sketch);
 * ``prepare(matvec, params, state, count) -> (state, work)``: once per update, before any
   trial solve, with the *undamped* curvature ``matvec`` (refresh the sketch every ``k``
   updates, form a dense matrix and its eigendecomposition); ``work`` lives for one update;
 * ``solve(matvec, b, damping, x0, work, *, preconditioner, tol, backtrack_fn) ->``
-  :class:`SolveResult`: one damped solve, called once per trial (a rejected trial re-solves
-  with a larger damping, warm-started from the rejected direction ``x0``).
+  :class:`~curvopt.linalg.cg.CGResult`: one damped solve, called once per trial (a rejected
+  trial re-solves with a larger damping, warm-started from the rejected direction ``x0``).
 
 The registry :data:`SOLVERS` maps names to builders ``builder(options: SolverOptions) ->
 LinearSolver``; adding a solver is one builder and one entry. A user may instead pass a
-:class:`LinearSolver`, or a plain function ``solve(matvec, b, damping) -> x`` (wrapped by
-:func:`from_function`).
+:class:`LinearSolver`, or any function following :mod:`curvopt.linalg.solve`'s protocol
+``solve(matvec, b, x0, *, damping, preconditioner, max_steps, tol) -> CGResult`` (wrapped by
+:func:`from_solve_fn`; e.g. ``curvopt.linalg.dense.dense_solve`` or
+``functools.partial(curvopt.linalg.nystrom.nystrom_cg, rank=20)``).
 
 Built-in solvers:
 
@@ -31,35 +36,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.flatten_util import ravel_pytree
 
 from curvopt._typing import Matvec, Params
-from curvopt.linalg import cg
-
-_RESIDUAL = cg.CG_STATUSES.index("residual")
-_NEGATIVE = cg.CG_STATUSES.index("negative_curvature")
-_NONFINITE = cg.CG_STATUSES.index("nonfinite")
-
-
-class SolveResult(NamedTuple):
-  r"""One damped solve.
-
-  Attributes:
-    x: the direction :math:`d \approx (C + \lambda I)^{-1} b`.
-    quadratic_value: :math:`\phi(d) = \tfrac12 d^\top (C + \lambda I) d - b^\top d`.
-    num_steps: curvature products spent inside the solve (CG iterations).
-    status: why it stopped, an index into :data:`curvopt.linalg.cg.CG_STATUSES`.
-    negative_curvature: whether :math:`C + \lambda I` showed non-positive curvature.
-    min_curvature: the smallest damped Rayleigh quotient seen (``inf`` if unknown).
-  """
-
-  x: Any
-  quadratic_value: jax.Array
-  num_steps: jax.Array
-  status: jax.Array
-  negative_curvature: jax.Array
-  min_curvature: jax.Array
+from curvopt.linalg import cg, dense, nystrom
+from curvopt.linalg.cg import CGResult
+from curvopt.linalg.status import SolverStatus
 
 
 class SolverOptions(NamedTuple):
@@ -85,17 +67,7 @@ class LinearSolver(NamedTuple):
 
   init: Callable[[Params], Any]
   prepare: Callable[[Matvec, Params, Any, jax.Array], tuple[Any, Any]]
-  solve: Callable[..., SolveResult]
-
-
-def _damped(matvec: Matvec, damping: jax.Array) -> Matvec:
-  return lambda v: optax.tree.add_scale(matvec(v), damping, v)
-
-
-def quadratic_value(matvec: Matvec, b: Any, damping: jax.Array, x: Any) -> jax.Array:
-  r""":math:`\phi(x) = \tfrac12 x^\top (C + \lambda I) x - b^\top x`, by one product."""
-  ax = _damped(matvec, damping)(x)
-  return jnp.real(0.5 * optax.tree.vdot(x, ax) - optax.tree.vdot(b, x))
+  solve: Callable[..., CGResult]
 
 
 def _no_prepare(matvec, params, state, count):
@@ -103,28 +75,21 @@ def _no_prepare(matvec, params, state, count):
   return state, None
 
 
-# ------------------------------------------------------------------------------------- cg
-
-
-def _cg_solve(max_steps, progress_tol, matvec, b, damping, x0, preconditioner, tol, backtrack_fn):
-  result = cg.conjugate_gradient(
-    _damped(matvec, damping),
+def _cg(options, matvec, b, damping, x0, preconditioner, tol, backtrack_fn) -> CGResult:
+  return cg.conjugate_gradient(
+    matvec,
     b,
     x0,
+    damping=damping,
     preconditioner=preconditioner,
-    max_steps=max_steps,
+    max_steps=options.max_steps,
     tol=tol,
-    progress_tol=progress_tol,
+    progress_tol=options.progress_tol,
     backtrack_fn=backtrack_fn,
   )
-  return SolveResult(
-    x=result.x,
-    quadratic_value=result.quadratic_value,
-    num_steps=result.num_steps,
-    status=result.status,
-    negative_curvature=result.negative_curvature,
-    min_curvature=result.min_curvature,
-  )
+
+
+# ------------------------------------------------------------------------------------- cg
 
 
 def cg_solver(options: SolverOptions) -> LinearSolver:
@@ -132,17 +97,7 @@ def cg_solver(options: SolverOptions) -> LinearSolver:
 
   def solve(matvec, b, damping, x0, work, *, preconditioner=None, tol=1e-4, backtrack_fn=None):
     del work
-    return _cg_solve(
-      options.max_steps,
-      options.progress_tol,
-      matvec,
-      b,
-      damping,
-      x0,
-      preconditioner,
-      tol,
-      backtrack_fn,
-    )
+    return _cg(options, matvec, b, damping, x0, preconditioner, tol, backtrack_fn)
 
   return LinearSolver(init=lambda params: (), prepare=_no_prepare, solve=solve)
 
@@ -151,150 +106,45 @@ def cg_solver(options: SolverOptions) -> LinearSolver:
 
 
 class NystromState(NamedTuple):
-  r"""A rank-:math:`r` Nyström approximation :math:`\hat C = U \hat\Lambda U^\top`.
+  """The Nyström approximation of the curvature kept between updates, and the next key."""
 
-  Attributes:
-    basis: :math:`U`, a pytree shaped like the parameters with a leading axis :math:`r`
-      (orthonormal rows).
-    eigenvalues: :math:`\hat\Lambda`, shape ``(r,)``, descending, non-negative.
-    key: PRNG key of the next sketch.
-  """
-
-  basis: Any
-  eigenvalues: jax.Array
+  approximation: nystrom.NystromApproximation
   key: jax.Array
 
 
-def _rows_dot(u: Any, v: Any) -> jax.Array:
-  """:math:`U V^\\top` for two pytrees with leading axes (rows)."""
-  leaves = [
-    jnp.tensordot(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1).conj(), ((1,), (1,)))
-    for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v), strict=True)
-  ]
-  return jnp.real(sum(leaves))
-
-
-def _rows_combine(coeffs: jax.Array, rows: Any) -> Any:
-  """:math:`A\\, U` (``coeffs`` :math:`(m, r)`, rows :math:`(r, \\dots)`)."""
-  return jax.tree.map(lambda a: jnp.tensordot(coeffs.astype(a.dtype), a, ((1,), (0,))), rows)
-
-
-def nystrom_sketch(matvec: Matvec, params: Params, rank: int, key: jax.Array) -> NystromState:
-  r"""Randomized Nyström approximation of a PSD operator from ``rank`` products.
-
-  The numerically stable algorithm of Tropp, Yurtsever, Udell and Cevher (2017, Alg. 3) as
-  used by Frangella, Tropp and Udell (2023, Alg. 2.1), on pytrees: orthonormal Gaussian test
-  rows :math:`\Omega` (Cholesky QR), :math:`Y = C\Omega`, a shift
-  :math:`\nu = \sqrt{n}\,\epsilon\,\|Y\|_F`, :math:`B = \Omega^\top (Y + \nu\Omega)`,
-  :math:`F = (Y + \nu \Omega) L^{-\top}` with :math:`B = L L^\top`, and the thin SVD
-  :math:`F = U \Sigma V^\top` (from the :math:`r \times r` Gram matrix), giving
-  :math:`\hat\Lambda = \max(\Sigma^2 - \nu, 0)`.
-
-  Args:
-    matvec: ``v -> Cv`` for a symmetric positive semi-definite :math:`C`.
-    params: a point shaped like the operator's vectors (for shapes and dtypes).
-    rank: :math:`r \le n`.
-    key: PRNG key.
-
-  Returns:
-    A :class:`NystromState` (with ``key`` unchanged).
-
-  References:
-    Frangella, Tropp and Udell, "Randomized Nyström preconditioning", SIAM J. Matrix Anal.
-    Appl. 2023. Tropp, Yurtsever, Udell and Cevher, "Fixed-rank approximation of a positive
-    semidefinite matrix from streaming data", NeurIPS 2017.
-  """
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  omega = jax.tree.unflatten(
-    treedef,
-    [
-      jax.random.normal(k, (rank, *jnp.shape(a)), jnp.result_type(a))
-      for k, a in zip(keys, leaves, strict=True)
-    ],
-  )
-  dtype = jnp.result_type(*leaves)
-  eps = jnp.finfo(dtype).eps
-  n = sum(jnp.size(a) for a in leaves)
-  gram = _rows_dot(omega, omega)
-  chol = jnp.linalg.cholesky(gram + eps * jnp.trace(gram) * jnp.eye(rank, dtype=gram.dtype))
-  q = _rows_combine(jnp.linalg.inv(chol), omega)  # orthonormal rows: L⁻¹ Ω
-  y = jax.vmap(matvec)(q)
-  nu = jnp.sqrt(n) * eps * jnp.sqrt(_rows_dot(y, y).trace())
-  y_nu = jax.tree.map(lambda a, b: a + nu * b, y, q)
-  b = _rows_dot(q, y_nu)
-  b = 0.5 * (b + b.T)
-  lower = jnp.linalg.cholesky(b + eps * jnp.trace(b) * jnp.eye(rank, dtype=b.dtype))
-  f = _rows_combine(jnp.linalg.inv(lower), y_nu)  # rows of F^T
-  sigma2, v = jnp.linalg.eigh(_rows_dot(f, f))
-  sigma2, v = sigma2[::-1], v[:, ::-1]
-  sigma = jnp.sqrt(jnp.maximum(sigma2, 0.0))
-  safe = sigma > eps * jnp.max(sigma)
-  inv_sigma = jnp.where(safe, 1.0 / jnp.where(safe, sigma, 1.0), 0.0)
-  basis = _rows_combine(inv_sigma[:, None] * v.T, f)
-  eigenvalues = jnp.where(safe, jnp.maximum(sigma2 - nu, 0.0), 0.0)
-  return NystromState(basis=basis, eigenvalues=eigenvalues.astype(dtype), key=key)
-
-
-def nystrom_preconditioner(sketch: NystromState, damping: jax.Array) -> Matvec:
-  r"""``r -> P⁻¹ r`` for the damped system, from a Nyström sketch (FTU 2023, eq. 5.3).
-
-  .. math::
-    P^{-1} = (\hat\lambda_r + \lambda)\, U (\hat\Lambda + \lambda I)^{-1} U^\top
-      + (I - U U^\top).
-
-  On a rank-:math:`r` :math:`C` captured exactly, :math:`P^{-1}(C + \lambda I)` has two
-  distinct eigenvalues, so CG converges in two iterations.
-  """
-  lam = jnp.asarray(damping, sketch.eigenvalues.dtype)
-  scale = (sketch.eigenvalues[-1] + lam) / (sketch.eigenvalues + lam) - 1.0
-
-  def apply(r: Any) -> Any:
-    coeffs = _rows_dot(sketch.basis, jax.tree.map(lambda a: a[None], r))[:, 0]  # U^T r
-    correction = jax.tree.map(
-      lambda u: jnp.tensordot((scale * coeffs).astype(u.dtype), u, ((0,), (0,))), sketch.basis
-    )
-    return optax.tree.add(r, correction)
-
-  return apply
-
-
 def nystrom_solver(options: SolverOptions) -> LinearSolver:
-  """CG preconditioned by a rank-``options.rank`` Nyström sketch refreshed periodically."""
-  rank, every = options.rank, options.refresh_every
+  r"""CG preconditioned by a rank-``options.rank`` Nyström sketch refreshed periodically.
+
+  NysNewton-CG (Rathore et al. 2024): the undamped curvature is sketched with
+  :func:`curvopt.linalg.nystrom.nystrom_approximation` at updates ``0, k, 2k, ...`` and kept
+  in the optimiser state; each trial solve runs CG with
+  :func:`curvopt.linalg.nystrom.nystrom_preconditioner` at the trial's damping.
+  """
 
   def init(params):
     n = sum(jnp.size(a) for a in jax.tree.leaves(params))
-    r = min(rank, n)
+    rank = min(options.rank, n)
     dtype = jnp.result_type(*jax.tree.leaves(params))
+    basis = jax.tree.map(lambda a: jnp.zeros((rank, *jnp.shape(a)), jnp.result_type(a)), params)
     return NystromState(
-      basis=jax.tree.map(lambda a: jnp.zeros((r, *jnp.shape(a)), jnp.result_type(a)), params),
-      eigenvalues=jnp.zeros((r,), dtype),
-      key=jax.random.PRNGKey(options.seed),
+      nystrom.NystromApproximation(basis, jnp.zeros((rank,), dtype)),
+      jax.random.PRNGKey(options.seed),
     )
 
   def prepare(matvec, params, state, count):
     def refresh(state):
       key, sub = jax.random.split(state.key)
-      sketch = nystrom_sketch(matvec, params, state.eigenvalues.shape[0], sub)
-      return sketch._replace(key=key)
+      rank = state.approximation.eigenvalues.shape[0]
+      approximation = nystrom.nystrom_approximation(matvec, params, sub, rank)
+      return NystromState(approximation, key)
 
-    state = jax.lax.cond(count % every == 0, refresh, lambda s: s, state)
-    return state, state
+    state = jax.lax.cond(count % options.refresh_every == 0, refresh, lambda s: s, state)
+    return state, state.approximation
 
   def solve(matvec, b, damping, x0, work, *, preconditioner=None, tol=1e-4, backtrack_fn=None):
     del preconditioner  # The Nyström preconditioner replaces any diagonal one.
-    return _cg_solve(
-      options.max_steps,
-      options.progress_tol,
-      matvec,
-      b,
-      damping,
-      x0,
-      nystrom_preconditioner(work, damping),
-      tol,
-      backtrack_fn,
-    )
+    precond = nystrom.nystrom_preconditioner(work, damping)
+    return _cg(options, matvec, b, damping, x0, precond, tol, backtrack_fn)
 
   return LinearSolver(init=init, prepare=prepare, solve=solve)
 
@@ -310,22 +160,23 @@ class DenseWork(NamedTuple):
 
 
 def dense_solver(options: SolverOptions) -> LinearSolver:
-  r"""Exact solve from the dense curvature, formed by :math:`n` products per update.
+  r"""Exact solve from the dense curvature, formed by :math:`n` products once per update.
 
-  The curvature is eigendecomposed once per update, so every trial damping costs two
-  :math:`n \times n` matrix-vector products. If :math:`C + \lambda I` is not positive definite
-  (an indefinite Hessian), the step uses :math:`|\Lambda| + \lambda` (the saddle-free Newton
-  step of Dauphin et al. 2014) and reports negative curvature, so the damping rule raises
-  :math:`\lambda` past :math:`-\lambda_{\min}(C)`.
+  The matrix (:func:`curvopt.linalg.dense.dense_matrix`) is eigendecomposed once per update,
+  so every trial damping costs two :math:`n \times n` matrix-vector products instead of
+  :math:`n` curvature products and a factorisation. If :math:`C + \lambda I` is not positive
+  definite (an indefinite Hessian), the step uses :math:`|\Lambda| + \lambda` (the
+  saddle-free Newton step of Dauphin et al. 2014) and reports negative curvature, so the
+  damping rule raises :math:`\lambda` past :math:`-\lambda_{\min}(C)`. For a least-squares
+  loss with the GGN this is the Levenberg-Marquardt / energy natural gradient step (Müller
+  and Zeinhofer 2023).
   """
   del options
 
   def prepare(matvec, params, state, count):
     del count
-    flat, unravel = ravel_pytree(params)
-    basis = jnp.eye(flat.size, dtype=flat.dtype)
-    columns = jax.vmap(lambda e: ravel_pytree(matvec(unravel(e)))[0])(basis)
-    eigenvalues, eigenvectors = jnp.linalg.eigh(0.5 * (columns + columns.T))
+    matrix = dense.dense_matrix(matvec, params)
+    eigenvalues, eigenvectors = jnp.linalg.eigh(0.5 * (matrix + matrix.T))
     return state, DenseWork(eigenvalues, eigenvectors)
 
   def solve(matvec, b, damping, x0, work, *, preconditioner=None, tol=0.0, backtrack_fn=None):
@@ -335,18 +186,24 @@ def dense_solver(options: SolverOptions) -> LinearSolver:
     damped = lam + damping
     min_curvature = damped[0]
     negative = ~(min_curvature > 0)
-    coeffs = v.T @ flat_b
-    x = v @ (coeffs / jnp.where(negative, jnp.abs(lam) + damping, damped))
+    x = v @ ((v.T @ flat_b) / jnp.where(negative, jnp.abs(lam) + damping, damped))
     phi = 0.5 * jnp.sum(damped * (v.T @ x) ** 2) - flat_b @ x
+    r = flat_b - v @ (damped * (v.T @ x))
+    b_norm = jnp.linalg.norm(flat_b)
     status = jnp.where(
-      jnp.isfinite(phi), jnp.where(negative, _NEGATIVE, _RESIDUAL), _NONFINITE
+      jnp.isfinite(phi),
+      jnp.where(negative, SolverStatus.INDEFINITE.value, SolverStatus.DIRECT.value),
+      SolverStatus.NONFINITE.value,
     ).astype(jnp.int32)
-    return SolveResult(
+    return CGResult(
       x=unravel(x),
-      quadratic_value=phi,
       num_steps=jnp.zeros((), jnp.int32),
+      relative_residual=jnp.linalg.norm(r) / jnp.where(b_norm > 0, b_norm, 1.0),
+      quadratic_value=phi,
       status=status,
       negative_curvature=negative,
+      converged=~negative & jnp.isfinite(phi),
+      selected_step=jnp.zeros((), jnp.int32),
       min_curvature=min_curvature,
     )
 
@@ -356,31 +213,30 @@ def dense_solver(options: SolverOptions) -> LinearSolver:
 # ---------------------------------------------------------------------------- user solve
 
 
-def from_function(fn: Callable[[Matvec, Any, jax.Array], Any]) -> LinearSolver:
-  r"""A :class:`LinearSolver` from ``fn(matvec, b, damping) -> x``.
+def from_solve_fn(fn: Callable[..., CGResult], options: SolverOptions) -> LinearSolver:
+  r"""A stateless :class:`LinearSolver` from a :mod:`curvopt.linalg.solve` ``SolveFn``.
 
-  ``matvec`` is the *undamped* curvature; ``fn`` returns :math:`x \approx (C + \lambda
-  I)^{-1} b`. One extra product evaluates the quadratic model for the reduction ratio.
+  ``fn(matvec, b, x0, *, damping, preconditioner, max_steps, tol) -> CGResult`` with the
+  *undamped* ``matvec``; its ``quadratic_value`` feeds the reduction ratio.
 
   Examples:
-    >>> solver = from_function(lambda matvec, b, lam: b / (2.0 + lam))  # C = 2 I
-    >>> result = solver.solve(lambda v: 2.0 * v, jnp.ones(2), 1.0, None, None)
-    >>> [round(v, 6) for v in result.x.tolist()], round(float(result.quadratic_value), 6)
-    ([0.333333, 0.333333], -0.333333)
+    >>> from curvopt.linalg.dense import dense_solve
+    >>> solver = from_solve_fn(dense_solve, SolverOptions())
+    >>> result = solver.solve(lambda v: 2.0 * v, jnp.ones(2), 1.0, None, None)  # C = 2 I
+    >>> [round(v, 4) for v in result.x.tolist()], round(float(result.quadratic_value), 4)
+    ([0.3333, 0.3333], -0.3333)
   """
 
-  def solve(matvec, b, damping, x0, work, *, preconditioner=None, tol=None, backtrack_fn=None):
-    del x0, work, preconditioner, tol, backtrack_fn
-    x = optax.tree.cast_like(fn(matvec, b, damping), b)
-    phi = quadratic_value(matvec, b, damping, x)
-    finite = jnp.isfinite(phi)
-    return SolveResult(
-      x=x,
-      quadratic_value=phi,
-      num_steps=jnp.ones((), jnp.int32),
-      status=jnp.where(finite, _RESIDUAL, _NONFINITE).astype(jnp.int32),
-      negative_curvature=jnp.zeros((), bool),
-      min_curvature=jnp.asarray(jnp.inf, jnp.result_type(phi)),
+  def solve(matvec, b, damping, x0, work, *, preconditioner=None, tol=1e-4, backtrack_fn=None):
+    del work, backtrack_fn
+    return fn(
+      matvec,
+      b,
+      x0,
+      damping=damping,
+      preconditioner=preconditioner,
+      max_steps=options.max_steps,
+      tol=tol,
     )
 
   return LinearSolver(init=lambda params: (), prepare=_no_prepare, solve=solve)

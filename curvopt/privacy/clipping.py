@@ -29,8 +29,15 @@ Fixed shapes for ``jit``: a Poisson-sampled batch varies in size, so it is padde
 size and passed with a boolean ``is_padding`` mask (see :func:`curvopt.privacy.poisson_sample`);
 padded examples get weight 0 and nothing recompiles when the realised size changes.
 
-NaN safety: an example whose gradient norm is not finite gets weight 0 (through ``jnp.where``,
-never ``0 * nan``), is counted, and cannot poison the sum.
+NaN safety, for every method, dtype and chunk size: a non-finite example is dropped (weight 0,
+through ``jnp.where``, never ``0 * nan``), counted, and cannot poison the sum or another example's
+norm. Weighting it by 0 after the batched pass is not enough, because XLA may mix examples inside
+one batched operation (``vmap(grad)`` of a float64 convolution on CPU spreads one example's NaN
+to every example's kernel gradient). So padded rows and rows with a NaN input are replaced by a
+copy of a real example *before* the pass; if a non-finite value still arises inside the model
+(an overflow, a NaN gradient), that batch's clipped sum is recomputed one example at a time (see
+:func:`guarded_pass`). When every example is finite the guard costs one elementwise pass over the
+inputs.
 
 Two ways into DP-SGD (:func:`dp_sgd`, :func:`dp_aggregate`): pass per-example gradients (a
 leading example axis, as optax's ``differentially_private_aggregate`` expects), or pass the
@@ -46,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvopt import _checks
+from curvopt import _checks, _nnx
 from curvopt._typing import Batch, LossFn, Params
 from curvopt.privacy.ghost import ghost_clipped_sum
 from curvopt.privacy.per_example import per_example_grads
@@ -156,6 +163,137 @@ def _method_fn(method: Method) -> Callable[..., tuple[Params, Params]]:
 
 
 # ------------------------------------------------------------------------------------------
+# Non-finite examples: found and masked before the batched pass, so none can poison another.
+
+
+def _nan_rows(batch: Batch, size: int) -> jax.Array:
+  """``(B,)`` mask of examples with a NaN in a floating input (``inf`` is allowed: masks)."""
+  bad = jnp.zeros((size,), bool)
+  for x in jax.tree.leaves(batch):
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.inexact) and x.size:
+      bad = bad | jnp.any(jnp.isnan(x.reshape(size, -1)), axis=1)
+  return bad
+
+
+def _replace_rows(batch: Batch, drop: jax.Array) -> Batch:
+  """``batch`` with every ``drop`` row replaced by the first kept row (unchanged if none).
+
+  A dropped row's values never reach the batched pass: XLA may mix examples inside one batched
+  operation (``vmap(grad)`` of a float64 convolution on CPU spreads one example's NaN to every
+  example), so weighting it by 0 afterwards is not enough. A copy of a real example has a finite
+  loss wherever that example has one, which zeros (e.g. under an input normalisation) need not.
+  """
+  if drop.shape[0] == 0:
+    return batch
+  donor = jnp.argmax(~drop)
+
+  def leaf(x):
+    x = jnp.asarray(x)
+    mask = drop.reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, jax.lax.dynamic_index_in_dim(x, donor, keepdims=True), x)
+
+  return jax.tree.map(leaf, batch)
+
+
+def _total_sq(sq_norms: Params) -> jax.Array:
+  return sum(s.astype(jnp.promote_types(s.dtype, jnp.float32)) for s in jax.tree.leaves(sq_norms))
+
+
+def _one_at_a_time(
+  loss_fn: LossFn,
+  params: Params,
+  batch: Batch,
+  drop: jax.Array,
+  weights_of: Callable[[Params, jax.Array], Params],
+) -> tuple[Params, Params, jax.Array]:
+  """The clipped sum by ``lax.scan`` over single examples: no example can touch another.
+
+  Returns ``(weighted_sum, sq_norms, bad)`` with ``bad`` the examples whose loss or gradient
+  is not finite (they get weight 0).
+  """
+
+  def body(total, xs):
+    example, dropped = xs
+    loss, grad = jax.value_and_grad(loss_fn)(params, example)
+    sq = jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(_norm_dtype(g))))[None], grad)
+    bad = ~jnp.isfinite(loss) | ~jnp.isfinite(_total_sq(sq))
+    weights = weights_of(sq, dropped[None] | bad)
+    total = jax.tree.map(
+      lambda t, w, g: t + jnp.where(w[0] != 0, w[0].astype(g.dtype) * g, jnp.zeros((), g.dtype)),
+      total,
+      weights,
+      grad,
+    )
+    return total, (jax.tree.map(lambda x: x[0], sq), bad[0])
+
+  init = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
+  total, (sq, bad) = jax.lax.scan(body, init, (batch, drop))
+  return total, sq, bad & ~drop
+
+
+def _norm_dtype(x: jax.Array) -> Any:
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def guarded_pass(
+  run: Callable[[Batch, jax.Array], tuple[Params, Params]],
+  loss_fn: LossFn,
+  params: Params,
+  batch: Batch,
+  is_padding: jax.Array,
+  weights_of: Callable[[Params, jax.Array], Params],
+) -> tuple[Params, Params, jax.Array]:
+  r"""Runs a batched clipping pass with every non-finite example kept out of it.
+
+  ``run(batch, drop) -> (weighted_sum, sq_norms)`` is a method pass that gives the ``drop``
+  rows weight 0. Padded rows and rows with a NaN input are replaced by a copy of a kept example
+  *before* the pass (:func:`_replace_rows`), so nothing non-finite enters it. When every kept
+  example then has a finite norm (the usual case) that pass is the result, and the guard has cost
+  one elementwise pass over the inputs.
+
+  Otherwise a non-finite value arose inside the model (an overflow, a NaN gradient) and may have
+  spread to other examples of the batched pass, so its norms cannot say which example is at
+  fault. Then (``lax.cond``; eagerly, only then) the clipped sum is recomputed one example at a
+  time (``lax.scan`` of ``value_and_grad``): exact, no example can touch another, and the
+  examples whose loss or gradient is non-finite are dropped. That costs ``B`` single-example
+  gradients, once per batch that needs it; its compiled code is a single-example gradient.
+
+  Args:
+    run: the method pass.
+    loss_fn: ``(params, example) -> scalar``.
+    params: the parameters.
+    batch: the batch, leading example axis.
+    is_padding: ``(B,)`` boolean padding mask.
+    weights_of: ``(sq_norms, drop) -> weights``, the clipping policy's weights.
+
+  Returns:
+    ``(weighted_sum, sq_norms, bad)``: the clipped sum over the finite real examples, the
+    squared norms with those of the dropped examples set to NaN, and the ``(B,)`` mask of the
+    dropped real examples.
+  """
+  size = is_padding.shape[0]
+  bad = _nan_rows(batch, size) & ~is_padding
+  drop = is_padding | bad
+  clean = _replace_rows(batch, drop)
+  total, sq = run(clean, drop)
+
+  def one_at_a_time(_):
+    seq_total, seq_sq, seq_bad = _one_at_a_time(loss_fn, params, clean, drop, weights_of)
+    seq_sq = jax.tree.map(lambda a, b: a.astype(b.dtype), seq_sq, sq)
+    return seq_total, seq_sq, bad | seq_bad
+
+  needs_fix = jnp.any(~drop & ~jnp.isfinite(_total_sq(sq)))
+  try:
+    if bool(needs_fix):  # concrete values (no jit): the rare path is only traced when needed
+      total, sq, bad = one_at_a_time(None)
+  except jax.errors.ConcretizationTypeError:
+    total, sq, bad = jax.lax.cond(needs_fix, one_at_a_time, lambda _: (total, sq, bad), None)
+  sq = jax.tree.map(lambda s: jnp.where(bad, jnp.nan, s), sq)
+  return total, sq, bad
+
+
+# ------------------------------------------------------------------------------------------
 # The clipping policy.
 
 
@@ -166,7 +304,7 @@ class ClippedSum(NamedTuple):
     sum: :math:`\\sum_i w_i g_i` over the real, finite examples, with ``params``' structure.
     norms: per-example gradient norms, shape ``(B,)`` (global clipping), or a pytree with
       ``params``' structure of per-leaf ``(B,)`` norms (per-layer clipping). Padded examples
-      report 0; a non-finite example reports its non-finite norm.
+      report 0; a dropped (non-finite) example reports NaN.
     num_examples: number of real (non-padding) examples, int32.
     num_dropped: real examples dropped because their gradient norm was not finite, int32.
     num_clipped: real, finite examples scaled down (in at least one layer), int32.
@@ -249,7 +387,10 @@ def clipped_sum_fn(
     chunk_size: with ``method="vmap"``, process this many examples at a time (bounded memory).
 
   Returns:
-    A function ``(params, batch, is_padding=None) -> ClippedSum``.
+    A function ``(params, batch, is_padding=None) -> ClippedSum``. ``params`` is a pytree or a
+    flax ``nnx.Module`` (then ``loss_fn(module, example)``; the gradients are taken with respect
+    to its ``nnx.Param`` state, other state such as BatchNorm statistics and RNG counts is held
+    constant, and ``sum`` is an ``nnx.State``).
   """
   _checks.check_nonnegative("l2_norm_clip", l2_norm_clip)
   if method not in METHODS:
@@ -264,6 +405,7 @@ def clipped_sum_fn(
 
   def fn(params: Params, batch: Batch, is_padding: Any = None) -> ClippedSum:
     size = _checks.batch_size(batch)
+    f, params = _nnx.pure(loss_fn, params)
     if is_padding is None:
       is_padding = jnp.zeros((size,), bool)
     is_padding = _check_is_padding(is_padding, size)
@@ -271,12 +413,12 @@ def clipped_sum_fn(
     def weights_of(sq_norms, pad):
       return _policy(sq_norms, pad, l2_norm_clip, mode, params)[0]
 
-    if chunk_size is None:
-      total, sq_norms = method_fn(loss_fn, params, batch, lambda s: weights_of(s, is_padding))
-    else:
-      total, sq_norms = _chunked_clipped_sum(
-        loss_fn, params, batch, weights_of, is_padding, int(chunk_size)
-      )
+    def run(clean_batch, drop):
+      if chunk_size is None:
+        return method_fn(f, params, clean_batch, lambda s: weights_of(s, drop))
+      return _chunked_clipped_sum(f, params, clean_batch, weights_of, drop, int(chunk_size))
+
+    total, sq_norms, _ = guarded_pass(run, f, params, batch, is_padding, weights_of)
     _, norms, dropped, clipped = _policy(sq_norms, is_padding, l2_norm_clip, mode, params)
     count = lambda m: jnp.sum(m, dtype=jnp.int32)
     return ClippedSum(total, norms, count(~is_padding), count(dropped), count(clipped))
@@ -299,8 +441,9 @@ def clipped_grad(
     \bar g = \frac{1}{n} \sum_{i:\ \text{real}} \min\Big(1, \frac{C}{\|g_i\|}\Big) g_i,
 
   where :math:`n` is the number of real (non-padding) examples: padded examples neither
-  contribute nor count. An example whose gradient norm is not finite contributes 0 (it still
-  counts in :math:`n`) and shows up as a non-finite entry of ``norms``.
+  contribute nor count. A non-finite example (a NaN input, or a non-finite loss or gradient)
+  contributes 0 (it still counts in :math:`n`), shows up as NaN in ``norms``, and never changes
+  another example's result, whatever the method, dtype or ``chunk_size``.
 
   Per-layer clipping (``per_layer=True`` or ``"uniform"``) clips each parameter leaf of each
   example on its own to :math:`C_k = C/\sqrt{K}` for :math:`K` leaves; ``"size"`` uses
@@ -320,14 +463,16 @@ def clipped_grad(
     chunk_size: with ``method="vmap"``, the number of examples processed at once.
 
   Returns:
-    ``fn(params, batch, is_padding=None)`` returning ``(mean, norms)``: ``mean`` has
-    ``params``' structure; ``norms`` is the ``(B,)`` vector of per-example global gradient norms
-    (before clipping), or with per-layer clipping a pytree with ``params``' structure of
+    ``fn(params, batch, is_padding=None)`` returning ``(mean, norms)``; ``params`` is a pytree
+    or an ``nnx.Module`` (see :func:`clipped_sum_fn`). ``mean`` has ``params``' structure (an
+    ``nnx.State`` for a Module); ``norms`` is the ``(B,)`` vector of per-example global gradient
+    norms (before clipping), or with per-layer clipping a pytree with ``params``' structure of
     per-leaf ``(B,)`` norms. Padded examples have norm 0.
 
   Raises:
     ValueError: for a negative clip, an unknown ``method``/``per_layer``, or (when called) a
-      ``batch`` whose leaves disagree on the leading axis or a mis-shaped ``is_padding``.
+      ``batch`` whose leaves disagree on the leading axis, a ``loss_fn`` that does not return one
+      scalar per example, or a mis-shaped ``is_padding``.
 
   Examples:
     Gradients of :math:`w \cdot x` are the examples; ``(3, 4)`` has norm 5 and is scaled down

@@ -14,6 +14,7 @@ privacy-relevant steps (noise on the sum, division by the expected batch size) a
 The privacy spent is :func:`curvopt.privacy.epsilon`.
 """
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -31,8 +32,10 @@ class DPSGDState(NamedTuple):
     key: the PRNG key for the next step's noise.
     count: number of steps taken, int32.
     num_dropped: non-finite examples dropped so far (all steps), int32.
-    last_num_dropped: non-finite examples dropped at the last step, int32.
-    last_num_clipped: examples scaled down at the last step, int32.
+    last_num_dropped: non-finite examples dropped at the last step, int32; -1 when unknown
+      (a :class:`ClippedSum` passed through ``nnx.Optimizer(..., wrt=...)``, whose filter drops
+      the counts: read them from the ``ClippedSum`` itself).
+    last_num_clipped: examples scaled down at the last step, int32; -1 when unknown.
   """
 
   key: jax.Array
@@ -42,12 +45,48 @@ class DPSGDState(NamedTuple):
   last_num_clipped: jax.Array
 
 
-def _as_key(key: Any) -> jax.Array:
-  if isinstance(key, int):
-    return jax.random.key(key)
-  if not isinstance(key, jax.Array):
-    raise TypeError(f"key must be a jax.random key or an int seed; got {type(key).__name__}.")
-  return key
+def _as_clipped_sum(updates: Any, params: Any) -> ClippedSum | None:
+  """``updates`` as a :class:`ClippedSum`, or ``None`` for per-example gradients.
+
+  ``nnx.Optimizer.update`` passes its gradients through ``nnx.state(grads, wrt)``, which turns
+  a :class:`ClippedSum` into a ``State`` mapping of its fields, keeping only the fields that
+  ``wrt`` selects (``sum``, and per-layer ``norms``; the counts are plain arrays and go). Such a
+  mapping is recognised by its keys and by its ``sum`` having ``params``' structure (which a
+  model with a top-level parameter called ``sum`` would not).
+  """
+  if isinstance(updates, ClippedSum):
+    return updates
+  if params is None or not isinstance(updates, Mapping):
+    return None
+  keys = set(updates.keys())
+  if "sum" not in keys or not keys <= set(ClippedSum._fields):
+    return None
+  if jax.tree.structure(updates["sum"]) != jax.tree.structure(params):
+    return None
+  unknown = jnp.full((), -1, jnp.int32)
+  return ClippedSum(
+    updates["sum"],
+    updates.get("norms"),
+    updates.get("num_examples", unknown),
+    updates.get("num_dropped", unknown),
+    updates.get("num_clipped", unknown),
+  )
+
+
+def _check_matches_params(tree: Any, params: Any, what: str, leading_axis: bool) -> None:
+  """``ValueError`` naming the leaf unless ``tree`` (less a leading axis) is shaped like params."""
+  like = jax.tree.map(
+    lambda g: jax.ShapeDtypeStruct(jnp.shape(g)[1:] if leading_axis else jnp.shape(g), g.dtype),
+    tree,
+  )
+  try:
+    _checks.check_same_structure(params, like, "params", what)
+  except ValueError as e:
+    raise ValueError(
+      f"{e} dp_sgd's update needs {what} for every parameter leaf"
+      + (", with a leading example axis" if leading_axis else "")
+      + "; compute them from the same params that are passed to update()."
+    ) from None
 
 
 def dp_aggregate(
@@ -79,12 +118,23 @@ def dp_aggregate(
   (e.g. with ``method="ghost"``, never materialising per-example gradients); ``is_padding`` is
   ignored for a :class:`ClippedSum`, which already applied it (as were its own clip and
   ``per_layer``: build it with the same ``l2_norm_clip``). Non-finite examples are
-  dropped and counted in :class:`DPSGDState`.
+  dropped and counted in :class:`DPSGDState`. When ``params`` is passed, the gradients (less
+  their example axis) or the ``ClippedSum``'s ``sum`` must have its structure and leaf shapes,
+  or a ``ValueError`` names the leaf.
+
+  Through ``flax.nnx.Optimizer(model, dp_sgd(...), wrt=nnx.Param)``, pass the ``ClippedSum``
+  itself: ``optimizer.update(model, clipped_sum_fn(loss_fn, C, method="ghost")(model, batch))``.
+  nnx hands it over as a ``State`` holding only the fields its filter keeps (the ``sum``, and
+  per-layer ``norms``), which is recognised; the dropped and clipped counts are then reported as
+  -1 (unknown) and a global-clipping ``ClippedSum`` needs ``expected_batch_size``. Read the counts
+  from the ``ClippedSum``, and the state's fields through ``optimizer.opt_state[0].<field>``
+  (an ``nnx.OptArray``: ``int(...)``/``[...]`` gives the value).
 
   Args:
     l2_norm_clip: the clip norm :math:`C \ge 0`.
     noise_multiplier: :math:`\sigma \ge 0`.
-    key: a ``jax.random`` key (or an int seed); it lives in the state and is split each step.
+    key: a ``jax.random`` key, a raw ``uint32[2]`` key or an int seed; it lives in the state
+      and is split each step.
     expected_batch_size: :math:`\bar B > 0`; ``None`` uses the input's leading-axis size.
     per_layer: ``False``, ``True``/``"uniform"`` or ``"size"`` (see :func:`clipped_grad`).
 
@@ -109,7 +159,7 @@ def dp_aggregate(
     raise ValueError(
       f"expected_batch_size must be > 0 (sample_rate * num_examples); got {expected_batch_size!r}."
     )
-  key = _as_key(key)
+  key = _checks.as_key(key)
   mode = per_layer_mode(per_layer)
 
   def init_fn(params):
@@ -118,14 +168,27 @@ def dp_aggregate(
     return DPSGDState(key, zero, zero, zero, zero)
 
   def update_fn(updates, state, params=None, *, is_padding=None, **extra_args):
-    del params, extra_args
-    if isinstance(updates, ClippedSum):
-      result = updates
-      size = jnp.shape(jax.tree.leaves(result.norms)[0])[0]
+    del extra_args
+    result = _as_clipped_sum(updates, params)
+    if result is not None:
+      if params is not None:
+        _check_matches_params(result.sum, params, "the ClippedSum's sum", leading_axis=False)
+      size = None if result.norms is None else jnp.shape(jax.tree.leaves(result.norms)[0])[0]
     else:
-      result = clip_sum_grads(updates, is_padding, l2_norm_clip, mode)
       size = _checks.batch_size(updates, "updates (per-example gradients)")
-    denominator = size if expected_batch_size is None else expected_batch_size
+      if params is not None:
+        _check_matches_params(updates, params, "per-example gradients", leading_axis=True)
+      result = clip_sum_grads(updates, is_padding, l2_norm_clip, mode)
+    if expected_batch_size is not None:
+      denominator = expected_batch_size
+    elif size is not None:
+      denominator = size
+    else:
+      raise ValueError(
+        "dp_sgd got a ClippedSum without its norms (nnx.Optimizer(..., wrt=...) keeps only the "
+        "fields its filter selects), so the batch size is unknown: pass expected_batch_size= to "
+        "dp_sgd (with Poisson sampling, sample_rate * num_examples)."
+      )
     next_key, noise_key = jax.random.split(state.key)
     keys = optax.tree.split_key_like(noise_key, result.sum)
 
@@ -142,7 +205,7 @@ def dp_aggregate(
     new_state = DPSGDState(
       next_key,
       optax.safe_increment(state.count),
-      state.num_dropped + result.num_dropped,
+      state.num_dropped + jnp.maximum(result.num_dropped, 0),  # -1: unknown (see below)
       result.num_dropped,
       result.num_clipped,
     )

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from curvopt import _nnx
 from curvopt.privacy import _ghost_jaxpr
 
 Params = Any
@@ -65,7 +66,8 @@ def ghost_clipped_sum(
 
   Args:
     loss_fn: ``loss_fn(params, example) -> scalar`` for ONE example.
-    params: pytree of arrays.
+    params: pytree of arrays, or an ``nnx.Module`` (then ``loss_fn(module, example)``, and the
+      results are ``nnx.State`` objects of its ``nnx.Param`` state).
     batch: pytree whose leaves all have the same leading (example) axis ``B``.
     weight_fn: maps the squared norms (``params``' structure, leaves of shape ``(B,)``) to
       weights of the same structure and shapes.
@@ -93,6 +95,7 @@ def ghost_clipped_sum(
     learners", ICLR 2022. Bu, Mao, Xu, "Scalable and efficient training of large convolutional
     neural networks with differential privacy" (book-keeping), NeurIPS 2022.
   """
+  loss_fn, params = _nnx.pure(loss_fn, params)
   leaves, treedef = jax.tree.flatten(params)
   batch_leaves = jax.tree.leaves(batch)
   if not batch_leaves:
@@ -113,7 +116,8 @@ def ghost_clipped_sum(
   if out_shape.shape != ():
     raise ValueError(
       f"loss_fn must return one scalar per example; it returned shape {out_shape.shape}. "
-      "Reduce it (e.g. .sum() or .mean()) over the example's own axes."
+      "loss_fn(params, example) sees ONE example (no batch axis): reduce its output (e.g. .sum() "
+      "or .mean()) over the example's own axes."
     )
   plan = _ghost_jaxpr.find_sites(closed.jaxpr, len(leaves))
   if plan.unsupported:

@@ -5,9 +5,12 @@ The building block of per-example clipping (:mod:`curvopt.privacy.clipping`) and
 empirical Fisher).
 """
 
-import jax
+from typing import Any
 
-from curvopt import _checks
+import jax
+import jax.numpy as jnp
+
+from curvopt import _checks, _nnx
 from curvopt._typing import Batch, LossFn, Params
 
 
@@ -25,15 +28,19 @@ def per_example_grads(
   Args:
     loss_fn: ``(params, example) -> scalar`` for ONE example (``example`` is ``batch`` without
       its leading axis).
-    params: any pytree of arrays.
+    params: any pytree of arrays, or a flax ``nnx.Module`` (then ``loss_fn(module, example)``
+      and the gradients are taken with respect to its ``nnx.Param`` state; other state such as
+      BatchNorm statistics and RNG counts is held constant).
     batch: pytree of arrays sharing a leading example axis of size ``B``.
     chunk_size: optional number of examples processed at once.
 
   Returns:
-    A pytree with ``params``' structure, leaves of shape ``(B, *leaf.shape)``.
+    A pytree with ``params``' structure, leaves of shape ``(B, *leaf.shape)`` (an ``nnx.State``
+    of the Module's parameters for a Module).
 
   Raises:
-    ValueError: if the leaves of ``batch`` disagree on the leading axis, or ``chunk_size < 1``.
+    ValueError: if the leaves of ``batch`` disagree on the leading axis, ``loss_fn`` does not
+      return one scalar per example, or ``chunk_size < 1``.
 
   Examples:
     For :math:`\ell(w, x) = \tfrac12 (w \cdot x)^2` the gradient is :math:`(w \cdot x)\, x`.
@@ -43,9 +50,27 @@ def per_example_grads(
     [[1.0, 0.0], [3.0, 6.0]]
   """
   _checks.batch_size(batch)
+  loss_fn, params = _nnx.pure(loss_fn, params)
+  check_scalar_loss(loss_fn, params, batch)
   grad_fn = jax.grad(loss_fn)
   if chunk_size is None:
     return jax.vmap(grad_fn, in_axes=(None, 0))(params, batch)
   if int(chunk_size) < 1:
     raise ValueError(f"chunk_size must be a positive integer or None; got {chunk_size!r}.")
   return jax.lax.map(lambda x: grad_fn(params, x), batch, batch_size=int(chunk_size))
+
+
+def check_scalar_loss(loss_fn: LossFn, params: Params, batch: Batch) -> None:
+  """``ValueError`` unless ``loss_fn(params, example)`` is one real scalar (checked by shape)."""
+  example = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)), batch
+  )
+  out: Any = jax.eval_shape(loss_fn, params, example)
+  leaves = jax.tree.leaves(out)
+  if len(leaves) != 1 or leaves[0].shape != ():
+    shapes = jax.tree.map(lambda s: s.shape, out)
+    raise ValueError(
+      f"loss_fn must return one scalar per example; it returned shape {shapes}. loss_fn(params, "
+      "example) sees ONE example (no batch axis): reduce its output (e.g. .sum() or .mean()) over "
+      "the example's own axes."
+    )
