@@ -453,3 +453,33 @@ def test_bfloat16_model_norms_in_float32():
   )
   _assert_tree_close(sq, ref_sq, rtol=5e-2, atol_scale=5e-2)
   _assert_tree_close(up(total), ref_total, rtol=5e-2, atol_scale=5e-2)
+
+
+@pytest.mark.parametrize("seq", [None, 2, 12])
+def test_layer_applied_twice_needs_no_fallback(seq):
+  """One weight at two dense products (cross terms by stacked factors) equals the loop.
+
+  ``seq=None``: one row per site; ``2``: short sequences (Gram rule); ``12``: long (direct).
+  """
+  k = jax.random.split(jax.random.key(21), 4)
+  params = {
+    "shared": jax.random.normal(k[0], (4, 4), jnp.float64) / 2,
+    "head": jax.random.normal(k[1], (4, 2), jnp.float64),
+  }
+
+  def loss_fn(p, ex):
+    h = jnp.tanh(ex["x"] @ p["shared"])
+    h = jnp.tanh(h @ p["shared"]) + h  # the same layer again
+    out = h @ p["head"]
+    return _regression(out if seq is None else out.mean(axis=0), ex["y"])
+
+  shape = (4,) if seq is None else (seq, 4)
+  batch = _data(k[2], 5, shape, 2, jnp.float64)
+  _check(loss_fn, params, batch, rtol=1e-9)
+  plan = ghost._ghost_jaxpr.find_sites(
+    jax.make_jaxpr(
+      lambda leaves, ex: loss_fn(dict(zip(["head", "shared"], leaves, strict=True)), ex)
+    )([params["head"], params["shared"]], jax.tree.map(lambda x: x[0], batch)).jaxpr,
+    2,
+  )
+  assert list(plan.reused) == [1] and len(plan.reused[1]) == 2 and not plan.unsupported

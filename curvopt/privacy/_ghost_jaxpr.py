@@ -167,11 +167,36 @@ class Plan:
     sites: one :class:`Site` per supported leaf, by leaf index.
     unsupported: indices of leaves that need the exact per-example fallback, with the reason.
     unused: indices of leaves the loss does not use (zero gradient).
+    reused: leaves used at several dense-product sites that read them in the same coordinates
+      (a layer applied twice), by leaf index: their per-example gradient is the sum over the
+      sites, whose factors concatenate (see :func:`curvopt.privacy.ghost.ghost_clipped_sum`).
   """
 
   sites: dict[int, Site]
   unsupported: dict[int, str]
   unused: list[int]
+  reused: dict[int, list[Site]] = dataclasses.field(default_factory=dict)
+
+
+def _same_coordinates(uses: list[Any]) -> bool:
+  """Whether every use is a ``dot`` site reading the leaf through the same chain and layout."""
+  if len(uses) < 2 or not all(isinstance(u, Site) and u.kind == "dot" for u in uses):
+    return False
+  first = uses[0]
+
+  def signature(site):
+    eqn = site.eqn
+    chain = tuple((e.primitive.name, str(e.params)) for e in site.chain)
+    param_aval = eqn.invars[site.param_pos].aval
+    return (
+      site.param_pos,
+      chain,
+      str(eqn.params["dimension_numbers"]),
+      param_aval.shape,
+      eqn.invars[1 - site.param_pos].aval.ndim,
+    )
+
+  return all(signature(u) == signature(first) for u in uses[1:])
 
 
 def find_sites(jaxpr, num_leaves: int) -> Plan:
@@ -183,16 +208,18 @@ def find_sites(jaxpr, num_leaves: int) -> Plan:
   for tag in out_tags:
     if tag is not None:
       uses[tag.leaf].append("returned as an output")
-  sites, unsupported, unused = {}, {}, []
+  sites, unsupported, unused, reused = {}, {}, [], {}
   for leaf, leaf_uses in uses.items():
     if not leaf_uses:
       unused.append(leaf)
     elif len(leaf_uses) == 1 and isinstance(leaf_uses[0], Site):
       sites[leaf] = leaf_uses[0]
+    elif _same_coordinates(leaf_uses):
+      reused[leaf] = list(leaf_uses)
     else:
       reasons = [u.eqn.primitive.name if isinstance(u, Site) else u for u in leaf_uses]
       unsupported[leaf] = ", ".join(reasons) if len(reasons) == 1 else f"used {len(reasons)}x"
-  return Plan(sites, unsupported, unused)
+  return Plan(sites, unsupported, unused, reused)
 
 
 def _walk(jaxpr, in_tags, prefix, uses):
