@@ -199,8 +199,41 @@ def _same_coordinates(uses: list[Any]) -> bool:
   return all(signature(u) == signature(first) for u in uses[1:])
 
 
-def find_sites(jaxpr, num_leaves: int) -> Plan:
-  """Finds the site of every parameter leaf; ``jaxpr.invars[:num_leaves]`` are the leaves."""
+_LAYOUT_ONLY = ("transpose", "convert_element_type", "copy", "copy_p")
+
+
+def leaf_axes(site: Site) -> tuple[int, ...] | None:
+  """For a 2-D leaf read through transposes only: the leaf axis of each operand axis, else None."""
+  perm = (0, 1)
+  for eqn in site.chain:
+    if eqn.primitive.name not in _LAYOUT_ONLY:
+      return None
+    if eqn.primitive.name == "transpose":
+      perm = tuple(perm[i] for i in eqn.params["permutation"])
+  return perm
+
+
+def matrix_site(site: Site, leaf_ndim: int) -> bool:
+  """Whether a site reads a 2-D leaf as a matrix whose per-example gradient is ``A^T D``.
+
+  A row lookup (``gather``) or a dense product with one contracting and no batch dimension on the
+  parameter side, through transposes and dtype conversions only (no sign flip, no reshape).
+  """
+  if leaf_ndim != 2 or site.kind not in ("dot", "gather") or leaf_axes(site) is None:
+    return False
+  if site.kind == "gather":
+    return True
+  (lhs_c, rhs_c), (lhs_b, _) = site.eqn.params["dimension_numbers"]
+  p_c = lhs_c if site.param_pos == 0 else rhs_c
+  return len(p_c) == 1 and not lhs_b
+
+
+def find_sites(jaxpr, num_leaves: int, leaf_ndims: Sequence[int] | None = None) -> Plan:
+  """Finds the site(s) of every parameter leaf; ``jaxpr.invars[:num_leaves]`` are the leaves.
+
+  With ``leaf_ndims``, a 2-D leaf read at several row lookups and dense products (a tied
+  embedding and output projection) is ``reused`` too (see :func:`matrix_site`).
+  """
   uses: dict[int, list[Site | str]] = {i: [] for i in range(num_leaves)}
   in_tags = [_Tag(i, (), True) for i in range(num_leaves)]
   in_tags += [None] * (len(jaxpr.invars) - num_leaves)
@@ -214,7 +247,10 @@ def find_sites(jaxpr, num_leaves: int) -> Plan:
       unused.append(leaf)
     elif len(leaf_uses) == 1 and isinstance(leaf_uses[0], Site):
       sites[leaf] = leaf_uses[0]
-    elif _same_coordinates(leaf_uses):
+    elif _same_coordinates(leaf_uses) or (
+      leaf_ndims is not None
+      and all(isinstance(u, Site) and matrix_site(u, leaf_ndims[leaf]) for u in leaf_uses)
+    ):
       reused[leaf] = list(leaf_uses)
     else:
       reasons = [u.eqn.primitive.name if isinstance(u, Site) else u for u in leaf_uses]

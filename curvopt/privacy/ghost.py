@@ -121,7 +121,7 @@ def ghost_clipped_sum(
       "loss_fn(params, example) sees ONE example (no batch axis): reduce its output (e.g. .sum() "
       "or .mean()) over the example's own axes."
     )
-  plan = _ghost_jaxpr.find_sites(closed.jaxpr, len(leaves))
+  plan = _ghost_jaxpr.find_sites(closed.jaxpr, len(leaves), [jnp.ndim(x) for x in leaves])
   if plan.unsupported:
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     names = "; ".join(f"params{paths[i]} ({why})" for i, why in plan.unsupported.items())
@@ -256,10 +256,41 @@ def _reused_sq_norm(leaf_sites, data, deltas):
   \delta_t^\top\rangle` is the single-site identity on the stacked factors (Gram or direct,
   whichever is cheaper): no per-example gradient of the leaf is formed.
   """
-  factors = [_dot_factors(site, data[site.key], deltas[site.key]) for site in leaf_sites]
+  if _ghost_jaxpr._same_coordinates(leaf_sites):
+    factors = [_dot_factors(site, data[site.key], deltas[site.key]) for site in leaf_sites]
+  else:
+    factors = [_matrix_factors(site, data[site.key], deltas[site.key]) for site in leaf_sites]
   a = jnp.concatenate([_at_least_f32(a) for a, _ in factors], axis=2)
   d = jnp.concatenate([_at_least_f32(d) for _, d in factors], axis=2)
   return _product_sq_norm(a, d, stacked=True)
+
+
+def _matrix_factors(site, data, delta):
+  r"""``(A, D)``, shapes ``(B, 1, N, rows)`` and ``(B, 1, N, cols)``: the example's gradient of
+  a 2-D leaf read at ``site`` is :math:`A^\top D` in the leaf's own (rows, cols) layout.
+
+  A dense product gives its data and cotangent factors, swapped when the parameter operand's
+  contracting axis is the leaf's column axis (``h @ E.T``); a row lookup gives the one-hot rows
+  of its indices and its cotangent rows (swapped if the table is the transposed leaf).
+  """
+  axes = _ghost_jaxpr.leaf_axes(site)
+  if site.kind == "dot":
+    a, d = _dot_factors(site, data, delta)
+    (lhs_c, rhs_c), _ = site.eqn.params["dimension_numbers"]
+    p_c = (lhs_c if site.param_pos == 0 else rhs_c)[0]
+    return (a, d) if axes[p_c] == 0 else (d, a)
+  idx = data[1]
+  b = idx.shape[0]
+  table_rows = site.eqn.invars[0].aval.shape[0]
+  ids = idx.reshape(b, -1)
+  d = delta.reshape(b, ids.shape[1], -1)
+  if "FILL_OR_DROP" in str(site.eqn.params["mode"]):
+    valid = (ids >= 0) & (ids < table_rows)
+  else:
+    ids, valid = jnp.clip(ids, 0, table_rows - 1), jnp.ones(ids.shape, bool)
+  one_hot = jax.nn.one_hot(ids, table_rows, dtype=d.dtype) * valid[..., None]
+  a, d = one_hot[:, None], jnp.where(valid[..., None], d, 0)[:, None]
+  return (a, d) if axes[0] == 0 else (d, a)
 
 
 def _product_sq_norm(a, d, stacked=False):
