@@ -516,3 +516,38 @@ def test_tied_embedding_and_output_projection_needs_no_fallback(form):
   tokens = jax.random.randint(k[2], (5, seq), 0, vocab).at[0, :3].set(2)  # repeated ids
   batch = {"tokens": tokens, "targets": jax.random.randint(k[3], (5, seq), 0, vocab)}
   _check(loss_fn, params, batch, rtol=1e-9)
+
+
+def test_gpt_block_with_positions_and_tied_embedding_needs_no_fallback():
+  """Embedding + position table, LayerNorm, 2-head attention, MLP, tied output projection."""
+  vocab, seq, dim, heads = 11, 8, 16, 2
+  k = jax.random.split(jax.random.key(23), 9)
+  dense = lambda key, a, b: jax.random.normal(key, (a, b), jnp.float64) / np.sqrt(a)
+  params = {
+    "embed": jax.random.normal(k[0], (vocab, dim), jnp.float64),
+    "pos": 0.1 * jax.random.normal(k[1], (seq, dim), jnp.float64),
+    "ln": {"scale": 1.0 + 0.1 * jax.random.normal(k[2], (dim,), jnp.float64)},
+    "q": dense(k[3], dim, dim),
+    "k": dense(k[4], dim, dim),
+    "v": dense(k[5], dim, dim),
+    "o": dense(k[6], dim, dim),
+    "mlp": dense(k[7], dim, 2 * dim),
+  }
+
+  def loss_fn(p, ex):
+    x = jnp.take(p["embed"], ex["tokens"], axis=0) + p["pos"]
+    mu = x.mean(-1, keepdims=True)
+    h = (x - mu) / jnp.sqrt(jnp.square(x - mu).mean(-1, keepdims=True) + 1e-5) * p["ln"]["scale"]
+    split = lambda t: t.reshape(seq, heads, dim // heads)
+    q, kk, v = split(h @ p["q"]), split(h @ p["k"]), split(h @ p["v"])
+    att = jax.nn.softmax(jnp.einsum("thd,shd->hts", q, kk) / np.sqrt(dim // heads), axis=-1)
+    x = x + jnp.einsum("hts,shd->thd", att, v).reshape(seq, dim) @ p["o"]
+    x = x + jax.nn.gelu(x @ p["mlp"]).reshape(seq, dim, 2).sum(-1)
+    logits = x @ p["embed"].T
+    return -jnp.sum(jax.nn.log_softmax(logits)[jnp.arange(seq), ex["targets"]])
+
+  batch = {
+    "tokens": jax.random.randint(k[8], (4, seq), 0, vocab),
+    "targets": jax.random.randint(jax.random.key(24), (4, seq), 0, vocab),
+  }
+  _check(loss_fn, params, batch, rtol=1e-9)
