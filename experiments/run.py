@@ -22,6 +22,7 @@ TASK_MODULES = {
   "td": "td",
   "maml": "maml",
   "hyperopt": "hyperopt",
+  "pinn": "pinn",
 }
 
 

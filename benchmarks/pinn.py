@@ -1,0 +1,202 @@
+"""Full PINN runs: Gauss-Newton vs Newton-CG vs Adam vs L-BFGS on the same wall-clock budget.
+
+``python benchmarks/pinn.py [--problems poisson2d heat poisson5d] [--seconds 300]
+[--optimizers dense_gn newton_cg adam lbfgs]`` trains each optimiser on each problem of
+``experiments/pinn.py`` (the setups of Dangel, Müller & Zeinhofer 2024, float64) for
+``--seconds`` of training time (compilation and evaluations excluded), evaluating the L2 error
+every ``--eval-seconds``, and writes ``benchmarks/results/pinn/<problem>/``: ``metrics.jsonl``,
+``summary.md`` (final errors, time per step, CG iterations per step, the error reached at
+Newton-CG step 500), ``solution.png`` and ``pinn_curves.png``. Not run by CI.
+
+``dense_gn`` is the exact damped Gauss-Newton (ENGD) step of ``experiments/pinn.py``;
+``newton_cg`` is :func:`curvopt.newton_cg` with the Gauss-Newton curvature of the residual
+vector (``model_fn``) under the weighted squared loss (``loss_fn``), truncated CG with Martens'
+heuristics. The machine is shared: times are noisy, say so with the numbers.
+"""
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # LAPACK threads spin on a loaded CPU
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+sys.path.insert(0, ROOT)
+
+import pinn  # noqa: E402
+
+from curvopt.experiment.optimizers import state_diagnostics  # noqa: E402
+from curvopt.optimizers.newton_cg import newton_cg  # noqa: E402
+
+PROBLEM_CONFIGS = {
+  "poisson2d": dict(problem="poisson2d", num_interior=900, num_boundary=120),
+  "heat": dict(problem="heat", num_interior=900, num_boundary=60, num_initial=60),
+  "poisson5d": dict(problem="poisson5d", num_interior=3000, num_boundary=500, resample=True),
+}
+
+
+def make_optimizer(name: str, task: pinn.Pinn, args) -> tuple[optax.GradientTransformation, int]:
+  """The transformation and the steps per compiled chunk."""
+  if name == "dense_gn":
+    return pinn.task_dense_gauss_newton(task, damping=1e-3), 10
+  if name == "newton_cg":
+    return newton_cg(
+      1.0,
+      curvature="ggn",
+      model_fn=task.model_fn,
+      loss_fn=task.output_loss,
+      damping=args.ncg_damping,
+      cg_max_steps=args.cg_max_steps,
+      cg_tol=1e-10,
+      cg_progress_tol=args.cg_progress_tol,
+      warm_start=0.95,
+    ), 5
+  if name == "adam":
+    return optax.adam(args.adam_lr), 500
+  if name == "lbfgs":
+    return optax.lbfgs(), 100
+  raise ValueError(f"unknown optimiser {name!r}")
+
+
+def run(task: pinn.Pinn, name: str, args, run_dir: str, log) -> list[dict]:
+  tx, chunk = make_optimizer(name, task, args)
+  tx = optax.with_extra_args_support(tx)
+  params = task.init_params(jax.random.key(args.seed))
+  state = tx.init(params)
+  data_key = jax.random.key(args.seed + 1)
+
+  def one(carry, t):
+    params, state, _ = carry
+    batch = task.batch(data_key, t)
+    value, grad = jax.value_and_grad(task.loss)(params, **batch)
+    updates, state = tx.update(
+      grad, state, params, value=value, grad=grad, value_fn=task.loss, **batch
+    )
+    diag = {"train_loss": value} | state_diagnostics(state)
+    return optax.apply_updates(params, updates), state, diag
+
+  @jax.jit
+  def train(carry, start):
+    def body(i, c):
+      params, state, diag = one(c, start + i)
+      cg = diag.get("cg_steps", jnp.zeros((), jnp.int32))
+      total = c[2]["cg_total"] + cg.astype(jnp.int64)
+      return params, state, diag | {"cg_total": total}
+
+    return jax.lax.fori_loop(0, chunk, body, carry)
+
+  diag0 = jax.eval_shape(lambda p, s: one((p, s, None), 0)[2], params, state)
+  diag0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), diag0)
+  diag0["cg_total"] = jnp.zeros((), jnp.int64)
+  carry = (params, state, diag0)
+  evaluate = jax.jit(task.evaluate)
+  tic = time.perf_counter()
+  compiled = train.lower(carry, 0).compile()
+  compile_time = time.perf_counter() - tic
+  records, step, wall, last_eval = [], 0, 0.0, -1e9
+  arrays_dir = os.path.join(run_dir, "arrays")
+  os.makedirs(arrays_dir, exist_ok=True)
+
+  def record(carry):
+    ev = jax.device_get(evaluate(carry[0]))
+    rec = {"optimizer": name, "seed": args.seed, "step": step, "wall_time": wall}
+    rec |= {k: float(v) for k, v in ev.items() if np.ndim(v) == 0}
+    rec |= {k: float(v) for k, v in jax.device_get(carry[2]).items()}
+    rec["compile_time"] = compile_time
+    np.savez(os.path.join(arrays_dir, f"{name}-seed{args.seed}-step000.npz"), u_plot=ev["u_plot"])
+    records.append(rec)
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    return rec
+
+  rec = record(carry)
+  while wall < args.seconds and step < args.max_steps:
+    tic = time.perf_counter()
+    carry = jax.block_until_ready(compiled(carry, step))
+    wall += time.perf_counter() - tic
+    step += chunk
+    if wall - last_eval >= args.eval_seconds or wall >= args.seconds or step >= args.max_steps:
+      last_eval = wall
+      rec = record(carry)
+      print(
+        f"  {name:10s} step {step:6d}  {wall:7.1f}s  loss {rec['pde_loss']:.3e}  "
+        f"l2 {rec['l2_error']:.3e}  rel {rec['relative_l2_error']:.3e}",
+        flush=True,
+      )
+  return records
+
+
+def summarize(problem: str, records: list[dict], args) -> str:
+  lines = [
+    f"## PINN {problem}: {args.seconds:g} s per optimiser (float64, CPU, shared machine)\n",
+    "| optimiser | steps | s/step | CG it./step | loss | l2_error | relative | l2 @ 100 s "
+    "| l2 @ step 500 |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  by = {}
+  for r in records:
+    by.setdefault(r["optimizer"], []).append(r)
+  for name, rs in by.items():
+    last = rs[-1]
+    per_step = last["wall_time"] / max(last["step"], 1)
+    cg = last.get("cg_total", 0) / max(last["step"], 1) if name == "newton_cg" else None
+    at100 = [r for r in rs if r["wall_time"] <= 100]
+    at500 = [r for r in rs if r["step"] <= 500]
+    lines.append(
+      f"| {name} | {last['step']} | {per_step:.3g} | {'' if cg is None else f'{cg:.0f}'} | "
+      f"{last['pde_loss']:.2e} | {last['l2_error']:.2e} | {last['relative_l2_error']:.2e} | "
+      f"{at100[-1]['l2_error'] if at100 else float('nan'):.2e} | "
+      f"{at500[-1]['l2_error'] if at500 and name == 'newton_cg' else float('nan'):.2e} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--problems", nargs="+", default=list(PROBLEM_CONFIGS))
+  parser.add_argument("--optimizers", nargs="+", default=["dense_gn", "newton_cg", "adam", "lbfgs"])
+  parser.add_argument("--seconds", type=float, default=300.0)
+  parser.add_argument("--max-steps", type=int, default=10**9)
+  parser.add_argument("--eval-seconds", type=float, default=5.0)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--adam-lr", type=float, default=1e-3)
+  parser.add_argument("--ncg-damping", type=float, default=1e-2)
+  parser.add_argument("--cg-max-steps", type=int, default=250)
+  parser.add_argument("--cg-progress-tol", type=float, default=5e-4)
+  parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "pinn"))
+  args = parser.parse_args(argv)
+  for problem in args.problems:
+    task = pinn.build(pinn.Config(**PROBLEM_CONFIGS[problem]), jnp.float64)
+    run_dir = os.path.join(args.out, problem)
+    os.makedirs(run_dir, exist_ok=True)
+    print(f"# {problem} -> {run_dir}", flush=True)
+    records = []
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as log:
+      for name in args.optimizers:
+        records += run(task, name, args, run_dir, log)
+    records = []  # every optimiser's latest run in this directory (runs may be separate)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+      for line in f:
+        rec = json.loads(line)
+        if rec["step"] == 0:
+          records = [r for r in records if r["optimizer"] != rec["optimizer"]]
+        records.append(rec)
+    summary = summarize(problem, records, args)
+    summary += "\n" + pinn.write_report(task, run_dir, records)
+    with open(os.path.join(run_dir, "summary.md"), "w") as f:
+      f.write(summary)
+    print(summary, flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,487 @@
+r"""Physics-informed neural networks (PINNs): 2-D Poisson, 1+1-D heat, 5-D Poisson.
+
+A network :math:`u_\theta` is fitted to a PDE by least squares on its residuals at collocation
+points, as in Dangel, Müller & Zeinhofer (2024):
+
+.. math::
+   L(\theta) = \tfrac12 \operatorname{mean}_{x \in \Omega} r_\Omega(x)^2
+             + \tfrac12 \operatorname{mean}_{x \in \partial\Omega} r_{\partial\Omega}(x)^2,
+
+with :math:`r_\Omega = -\Delta u_\theta - f` (Poisson) or
+:math:`r_\Omega = \partial_t u_\theta - \tfrac14 \partial_x^2 u_\theta` (heat), and
+:math:`r_{\partial\Omega} = u_\theta - u^\star` on the boundary (and the initial line). The
+input derivatives come from :func:`curvopt.autodiff.operators.laplacian` /
+:func:`~curvopt.autodiff.operators.hessian_diagonal` (forward mode, no dense Hessian).
+
+For Newton-CG the model is the residual vector and the loss is the weighted
+:math:`\tfrac12\|\cdot\|^2` above, so the generalised Gauss-Newton matrix is the Gauss-Newton
+matrix :math:`J^\top W J` of the residuals, which for these linear PDEs is the energy natural
+gradient (ENGD) Gram matrix of Müller & Zeinhofer (2023). :func:`dense_gauss_newton` is the
+same step with the ``P x P`` matrix formed from per-point residual gradients and solved
+exactly (Levenberg-Marquardt damping), for networks small enough to afford it.
+
+Problems (``task.problem``):
+
+* ``poisson2d``: :math:`-\Delta u = 2\pi^2 \sin(\pi x)\sin(\pi y)` on :math:`[0,1]^2`,
+  :math:`u = 0` on the boundary, :math:`u^\star = \sin(\pi x)\sin(\pi y)`;
+* ``heat``: :math:`u_t - \tfrac14 u_{xx} = 0` on :math:`(t, x) \in [0,1]^2`,
+  :math:`u(0, x) = \sin(\pi x)`, :math:`u = 0` at :math:`x \in \{0, 1\}`,
+  :math:`u^\star = e^{-\pi^2 t/4}\sin(\pi x)`; the boundary set holds ``num_boundary``
+  points on :math:`x \in \{0,1\}` and ``num_initial`` on :math:`t = 0`;
+* ``poisson5d``: :math:`-\Delta u = \pi^2 \sum_i \cos(\pi x_i)` on :math:`[0,1]^5`,
+  :math:`u = u^\star = \sum_i \cos(\pi x_i)` on the boundary.
+
+Metrics: ``l2_error``, the root-mean-square of :math:`u_\theta - u^\star` over
+``eval_factor * num_interior`` fixed uniform points (the "L2 error" of the paper's tables),
+``relative_l2_error`` (the same divided by the RMS of :math:`u^\star`) and ``pde_loss`` (the
+loss on the initial collocation points). The
+report adds ``solution.png`` (prediction, exact solution and error on a grid, one row per
+optimiser; a 2-D slice through the centre for ``poisson5d``) and ``pinn_curves.png`` (loss
+and L2 error against steps and seconds).
+
+References:
+  Dangel, Müller & Zeinhofer, "Kronecker-factored approximate curvature for physics-informed
+  neural networks", NeurIPS 2024.
+  Müller & Zeinhofer, "Achieving high accuracy with PINNs via energy natural gradient
+  descent", ICML 2023.
+  Raissi, Perdikaris & Karniadakis, "Physics-informed neural networks", J. Comput. Phys. 2019.
+"""
+
+import glob
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from curvopt.autodiff.operators import hessian_diagonal, laplacian
+from curvopt.experiment.config import ConfigError
+from curvopt.experiment.tasks import Task
+
+PROBLEMS = ("poisson2d", "heat", "poisson5d")
+DIMS = {"poisson2d": 2, "heat": 2, "poisson5d": 5}
+
+
+@dataclass
+class Config:
+  name: str = "pinn"
+  problem: str = "poisson2d"
+  hidden: list[int] = field(default_factory=lambda: [64])
+  num_interior: int = 900
+  num_boundary: int = 120
+  num_initial: int = 0
+  resample: bool = False
+  eval_factor: int = 10
+  data_seed: int = 0
+  plot_grid: int = 41
+
+
+# ---------------------------------------------------------------- exact solutions and sources
+
+
+def exact_solution(problem: str, x: jax.Array) -> jax.Array:
+  """:math:`u^\\star` at points ``x`` of shape ``(..., d)`` (heat: ``x = (t, x)``)."""
+  if problem == "poisson2d":
+    return jnp.prod(jnp.sin(jnp.pi * x), axis=-1)
+  if problem == "heat":
+    return jnp.exp(-(jnp.pi**2) * x[..., 0] / 4) * jnp.sin(jnp.pi * x[..., 1])
+  return jnp.sum(jnp.cos(jnp.pi * x), axis=-1)
+
+
+def source(problem: str, x: jax.Array) -> jax.Array:
+  """The right-hand side :math:`f` of :math:`-\\Delta u = f` (zero for heat)."""
+  if problem == "poisson2d":
+    return 2 * jnp.pi**2 * jnp.prod(jnp.sin(jnp.pi * x), axis=-1)
+  if problem == "poisson5d":
+    return jnp.pi**2 * jnp.sum(jnp.cos(jnp.pi * x), axis=-1)
+  return jnp.zeros(x.shape[:-1], x.dtype)
+
+
+def interior_residual(problem: str, u: Callable[[jax.Array], jax.Array], x: jax.Array):
+  """:math:`r_\\Omega` of the solution candidate ``u`` (one point -> scalar) at points ``x``."""
+  if problem == "heat":
+    u_t = jax.vmap(lambda p: jax.jvp(u, (p,), (jnp.array([1.0, 0.0], p.dtype),))[1])(x)
+    u_xx = hessian_diagonal(u, x)[:, 1]
+    return u_t - 0.25 * u_xx
+  return -laplacian(u, x) - source(problem, x)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def sample_interior(key: jax.Array, n: int, d: int, dtype: Any) -> jax.Array:
+  return jax.random.uniform(key, (n, d), dtype)
+
+
+def sample_boundary(key: jax.Array, n: int, d: int, dtype: Any) -> jax.Array:
+  """``n`` uniform points on the boundary of :math:`[0,1]^d` (a random face each)."""
+  k_pt, k_face, k_side = jax.random.split(key, 3)
+  x = jax.random.uniform(k_pt, (n, d), dtype)
+  face = jax.random.randint(k_face, (n,), 0, d)
+  side = jax.random.bernoulli(k_side, 0.5, (n,)).astype(dtype)
+  return jnp.where(jax.nn.one_hot(face, d, dtype=bool), side[:, None], x)
+
+
+def sample_heat_boundary(key: jax.Array, n_side: int, n_initial: int, dtype: Any) -> jax.Array:
+  """``n_side`` points on :math:`x \\in \\{0,1\\}` and ``n_initial`` on :math:`t = 0`."""
+  k1, k2, k3 = jax.random.split(key, 3)
+  t = jax.random.uniform(k1, (n_side,), dtype)
+  side = jax.random.bernoulli(k2, 0.5, (n_side,)).astype(dtype)
+  x0 = jax.random.uniform(k3, (n_initial,), dtype)
+  return jnp.concatenate(
+    [jnp.stack([t, side], -1), jnp.stack([jnp.zeros_like(x0), x0], -1)], axis=0
+  )
+
+
+# ---------------------------------------------------------------- the task
+
+
+def init_mlp(key: jax.Array, sizes: list[int], dtype: Any) -> list[dict]:
+  """PyTorch's default ``nn.Linear`` initialisation: weights and biases U(±1/sqrt(fan_in))."""
+  params = []
+  for k, (m, n) in zip(
+    jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:], strict=True), strict=True
+  ):
+    kw, kb = jax.random.split(k)
+    bound = 1.0 / np.sqrt(m)
+    params.append(
+      {
+        "w": jax.random.uniform(kw, (m, n), dtype, -bound, bound),
+        "b": jax.random.uniform(kb, (n,), dtype, -bound, bound),
+      }
+    )
+  return params
+
+
+def mlp(params: list[dict], x: jax.Array) -> jax.Array:
+  """The tanh MLP at one point ``(d,)`` -> scalar."""
+  for layer in params[:-1]:
+    x = jnp.tanh(x @ layer["w"] + layer["b"])
+  return (x @ params[-1]["w"] + params[-1]["b"])[0]
+
+
+class Pinn(Task):
+  metric = "l2_error"
+  summary_metrics = ("relative_l2_error", "pde_loss")
+
+  def __init__(self, cfg: Config, dtype):
+    super().__init__(cfg, dtype)
+    if cfg.problem not in PROBLEMS:
+      raise ConfigError(
+        f"config key 'task.problem': invalid value {cfg.problem!r}; allowed values: "
+        f"{list(PROBLEMS)}."
+      )
+    for key in ("num_interior", "num_boundary", "eval_factor", "plot_grid"):
+      if getattr(cfg, key) < 1:
+        raise ConfigError(f"config key 'task.{key}': expected an integer >= 1.")
+    if cfg.problem == "heat" and cfg.num_initial < 1:
+      raise ConfigError("config key 'task.num_initial': the heat problem needs >= 1 point.")
+    self.problem = cfg.problem
+    self.dim = DIMS[cfg.problem]
+    self.sizes = [self.dim, *cfg.hidden, 1]
+    key = jax.random.key(cfg.data_seed)
+    self.train_data = self.sample(key)
+    k_eval = jax.random.fold_in(key, 10**6)
+    self.eval_points = sample_interior(
+      k_eval, cfg.eval_factor * cfg.num_interior, self.dim, self.dtype
+    )
+    self.u_eval = exact_solution(self.problem, self.eval_points)
+    g = np.linspace(0.0, 1.0, cfg.plot_grid)
+    grid = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    if self.dim > 2:  # a slice through the centre of the cube
+      grid = np.concatenate([grid, np.full((len(grid), self.dim - 2), 0.5)], -1)
+    self.plot_points = jnp.asarray(grid, self.dtype)
+
+  def sample(self, key: jax.Array) -> dict[str, jax.Array]:
+    """Fresh collocation points: ``{"x_interior": (N_Ω, d), "x_boundary": (N_∂Ω, d)}``."""
+    k_int, k_bdy = jax.random.split(key)
+    cfg = self.cfg
+    interior = sample_interior(k_int, cfg.num_interior, self.dim, self.dtype)
+    if self.problem == "heat":
+      boundary = sample_heat_boundary(k_bdy, cfg.num_boundary, cfg.num_initial, self.dtype)
+    else:
+      boundary = sample_boundary(k_bdy, cfg.num_boundary, self.dim, self.dtype)
+    return {"x_interior": interior, "x_boundary": boundary}
+
+  def num_train(self) -> int:
+    return self.cfg.num_interior
+
+  def batch(self, data_key: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
+    """The fixed points, or (``resample``) new ones for every step, from the seed and step."""
+    if self.cfg.resample:
+      return self.sample(jax.random.fold_in(data_key, step))
+    return self.train_data
+
+  def init_params(self, key):
+    return init_mlp(key, self.sizes, self.dtype)
+
+  def u(self, params) -> Callable[[jax.Array], jax.Array]:
+    return lambda x: mlp(params, x)
+
+  # The residual vector is the model, the weighted 1/2 |.|^2 the loss: GGN = Gauss-Newton.
+  def model_fn(self, params, x_interior, x_boundary):
+    u = self.u(params)
+    return {
+      "interior": interior_residual(self.problem, u, x_interior),
+      "boundary": jax.vmap(u)(x_boundary) - exact_solution(self.problem, x_boundary),
+    }
+
+  def output_loss(self, residuals):
+    return 0.5 * jnp.mean(residuals["interior"] ** 2) + 0.5 * jnp.mean(residuals["boundary"] ** 2)
+
+  def loss(self, params, x_interior, x_boundary):
+    return self.output_loss(self.model_fn(params, x_interior, x_boundary))
+
+  def evaluate(self, params):
+    u = jax.vmap(self.u(params))(self.eval_points)
+    err = u - self.u_eval
+    l2 = jnp.sqrt(jnp.mean(err**2))
+    return {
+      "l2_error": l2,
+      "relative_l2_error": l2 / jnp.sqrt(jnp.mean(self.u_eval**2)),
+      "pde_loss": self.loss(params, **self.train_data),
+      "u_plot": jax.vmap(self.u(params))(self.plot_points),  # to arrays/, for solution.png
+    }
+
+  # ------------------------------------------------------------- dense Gauss-Newton pieces
+  def weighted_residuals_and_jacobian(self, params, x_interior, x_boundary):
+    """``(r, J)`` with :math:`L = \\tfrac12\\|r\\|^2` and ``J`` its ``(N, P)`` Jacobian.
+
+    Rows are scaled by :math:`1/\\sqrt{N_\\Omega}` and :math:`1/\\sqrt{N_{\\partial\\Omega}}`.
+    ``J`` is built from per-point residual gradients (one reverse pass per point, all
+    ``vmap``-ed), not from ``P`` forward passes over the whole batch.
+    """
+    flat, unravel = ravel_pytree(params)
+
+    def r_int(w, x):
+      return interior_residual(self.problem, self.u(unravel(w)), x[None])[0]
+
+    def r_bdy(w, x):
+      return mlp(unravel(w), x) - exact_solution(self.problem, x)
+
+    def rows(r, x):
+      return jax.vmap(jax.value_and_grad(r), in_axes=(None, 0))(flat, x)
+
+    ri, ji = rows(r_int, x_interior)
+    rb, jb = rows(r_bdy, x_boundary)
+    si, sb = 1 / np.sqrt(x_interior.shape[0]), 1 / np.sqrt(x_boundary.shape[0])
+    return jnp.concatenate([si * ri, sb * rb]), jnp.concatenate([si * ji, sb * jb])
+
+  def report(self, run_dir: str, records: list[dict]) -> str:
+    return write_report(self, run_dir, records)
+
+
+def build(cfg: Config, dtype) -> Pinn:
+  return Pinn(cfg, dtype)
+
+
+# ---------------------------------------------------------------- dense Gauss-Newton (ENGD)
+
+
+class DenseGaussNewtonState(NamedTuple):
+  """State of :func:`dense_gauss_newton`: damping, last reduction ratio, retries, loss."""
+
+  count: jax.Array
+  damping: jax.Array
+  rho: jax.Array
+  retries: jax.Array
+  loss: jax.Array
+
+
+def dense_gauss_newton(
+  residual_fn: Callable[..., jax.Array],
+  jacobian_fn: Callable[..., tuple[jax.Array, jax.Array]],
+  *,
+  damping: float = 1e-3,
+  damping_bounds: tuple[float, float] = (1e-14, 1e8),
+  decrease: float = 0.3,
+  max_retries: int = 12,
+) -> optax.GradientTransformationExtraArgs:
+  r"""The exact damped Gauss-Newton step :math:`-(J^\top J + \lambda I)^{-1} J^\top r`.
+
+  For small models (a few hundred parameters) the Gauss-Newton matrix :math:`G = J^\top J`
+  of the weighted residuals :math:`r` (:math:`L = \tfrac12\|r\|^2`) is formed and
+  the damped system solved exactly (LU). Levenberg-Marquardt: the step is tried at
+  the current :math:`\lambda`; if the loss does not decrease, :math:`\lambda` is multiplied by
+  4 and the step re-solved (at most ``max_retries`` times, inside the compiled update); after an
+  accepted step :math:`\lambda` shrinks by 2/3 when the reduction ratio :math:`\rho > 3/4`
+  and grows by 3/2 when :math:`\rho < 1/4`. As :math:`\lambda \to 0` this is energy natural
+  gradient descent (Müller & Zeinhofer 2023) with unit step.
+
+  Args:
+    residual_fn: ``(params, **data) -> r`` (a vector; the loss is :math:`\tfrac12\|r\|^2`).
+    jacobian_fn: ``(params, **data) -> (r, J)`` with ``J`` of shape ``(len(r), P)`` over the
+      raveled parameters (``jax.flatten_util.ravel_pytree`` order).
+    damping: initial :math:`\lambda`.
+    damping_bounds: ``(min, max)`` of :math:`\lambda`.
+    decrease: factor applied to :math:`\lambda` after a step with :math:`\rho > 3/4`.
+    max_retries: re-solves with raised damping within one update.
+
+  Returns:
+    An optax transformation whose updates are to be added to the parameters (already
+    negated); the data keyword arguments of ``update`` go to both functions.
+
+  This lives in the PINN task family until ``curvopt.newton_cg`` has a dense solver.
+  """
+
+  def init(params):
+    dtype = ravel_pytree(params)[0].dtype
+    return DenseGaussNewtonState(
+      count=jnp.zeros((), jnp.int32),
+      damping=jnp.asarray(damping, dtype),
+      rho=jnp.zeros((), dtype),
+      retries=jnp.zeros((), jnp.int32),
+      loss=jnp.zeros((), dtype),
+    )
+
+  def update(updates, state, params=None, **extra):
+    del updates
+    data = {k: v for k, v in extra.items() if k not in ("value", "grad", "value_fn")}
+    flat, unravel = ravel_pytree(params)
+    r, jac = jacobian_fn(params, **data)
+    loss = 0.5 * jnp.sum(r**2)
+    g = jac.T @ r
+    gram = jac.T @ jac
+    eye = jnp.eye(gram.shape[0], dtype=gram.dtype)
+    lo, hi = damping_bounds
+
+    def trial(lam):
+      # LU of the damped matrix (XLA's CPU Cholesky and eigh are far slower at this size).
+      step = jnp.linalg.solve(gram + lam * eye, g)
+      new_loss = 0.5 * jnp.sum(residual_fn(unravel(flat - step), **data) ** 2)
+      predicted = -g @ step + 0.5 * step @ (gram @ step)  # q(-step), undamped model
+      rho = (new_loss - loss) / jnp.minimum(predicted, -jnp.finfo(flat.dtype).tiny)
+      return step, new_loss, rho
+
+    def cond(carry):
+      i, _, _, new_loss, _ = carry
+      accepted = jnp.isfinite(new_loss) & (new_loss < loss)
+      return (i <= max_retries) & ~accepted
+
+    def body(carry):
+      i, lam, _, _, _ = carry
+      lam = jnp.where(i == 0, lam, jnp.minimum(lam * 4.0, hi))
+      step, new_loss, rho = trial(lam)
+      return i + 1, lam, step, new_loss, rho
+
+    carry = (
+      jnp.zeros((), jnp.int32),
+      state.damping,
+      jnp.zeros_like(flat),
+      jnp.asarray(jnp.inf, flat.dtype),
+      jnp.zeros((), flat.dtype),
+    )
+    tries, lam, step, new_loss, rho = jax.lax.while_loop(cond, body, carry)
+    ok = jnp.isfinite(new_loss) & (new_loss < loss)
+    step = jnp.where(ok, step, 0.0)
+    lam = jnp.where(rho > 0.75, lam * decrease, jnp.where(rho < 0.25, lam * 1.5, lam))
+    lam = jnp.clip(jnp.where(ok, lam, lam * 4.0), lo, hi)
+    new_state = DenseGaussNewtonState(
+      count=state.count + 1, damping=lam, rho=rho, retries=tries - 1, loss=loss
+    )
+    return unravel(-step), new_state
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def task_dense_gauss_newton(task: Pinn, **kwargs) -> optax.GradientTransformationExtraArgs:
+  """:func:`dense_gauss_newton` on a :class:`Pinn`'s weighted residuals."""
+
+  def residual_fn(params, x_interior, x_boundary):
+    res = task.model_fn(params, x_interior, x_boundary)
+    return jnp.concatenate(
+      [
+        res["interior"] / np.sqrt(x_interior.shape[0]),
+        res["boundary"] / np.sqrt(x_boundary.shape[0]),
+      ]
+    )
+
+  return dense_gauss_newton(residual_fn, task.weighted_residuals_and_jacobian, **kwargs)
+
+
+# ---------------------------------------------------------------- report and plots
+
+
+def _latest_arrays(run_dir: str) -> dict[str, np.ndarray]:
+  """Label -> the last saved ``u_plot`` of each optimiser's first seed."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(run_dir, "arrays", "*-seed*-step*.npz"))):
+    label = os.path.basename(path).rsplit("-seed", 1)[0]
+    with np.load(path) as data:
+      if "u_plot" in data:
+        out[label] = np.asarray(data["u_plot"])  # sorted: the last step wins
+  return out
+
+
+def write_report(task: Pinn, run_dir: str, records: list[dict]) -> str:
+  """Writes ``solution.png`` and ``pinn_curves.png``; returns a Markdown table."""
+  import matplotlib
+
+  matplotlib.use("Agg", force=False)
+  import matplotlib.pyplot as plt
+
+  from curvopt.experiment.records import group
+
+  runs = group(records)
+  # loss and L2 error against steps and seconds
+  fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+  for label, seeds in runs.items():
+    rs = sorted(next(iter(seeds.values())), key=lambda r: r["step"])
+    for row, key in enumerate(("pde_loss", "l2_error")):
+      vals = [r.get(key) for r in rs]
+      axes[row, 0].semilogy([r["step"] for r in rs], vals, label=label)
+      axes[row, 1].semilogy([r["wall_time"] for r in rs], vals, label=label)
+  for row, key in enumerate(("pde_loss", "l2_error")):
+    for col, xlabel in enumerate(("step", "training time (s)")):
+      axes[row, col].set_xlabel(xlabel)
+      axes[row, col].set_ylabel(key)
+      axes[row, col].grid(alpha=0.3)
+  axes[0, 0].legend()
+  fig.suptitle(f"PINN {task.problem}")
+  fig.tight_layout()
+  fig.savefig(os.path.join(run_dir, "pinn_curves.png"), dpi=100)
+  plt.close(fig)
+
+  preds = _latest_arrays(run_dir)
+  if preds:
+    n = task.cfg.plot_grid
+    exact = np.asarray(exact_solution(task.problem, task.plot_points)).reshape(n, n)
+    fig, axes = plt.subplots(len(preds), 3, figsize=(11, 3.3 * len(preds)), squeeze=False)
+    names = ("x_1", "x_2") if task.problem != "heat" else ("t", "x")
+    for i, (label, u) in enumerate(preds.items()):
+      u = u.reshape(n, n)
+      for j, (title, z) in enumerate(
+        (("prediction", u), ("exact", exact), ("|error|", np.abs(u - exact)))
+      ):
+        im = axes[i, j].imshow(z.T, origin="lower", extent=(0, 1, 0, 1), cmap="viridis")
+        axes[i, j].set_title(f"{label}: {title}" if j != 1 else title)
+        axes[i, j].set_xlabel(names[0])
+        axes[i, j].set_ylabel(names[1])
+        fig.colorbar(im, ax=axes[i, j], format="%.1e" if j == 2 else None)
+    if task.dim > 2:
+      fig.suptitle("slice x_3 = x_4 = x_5 = 0.5")
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "solution.png"), dpi=90)
+    plt.close(fig)
+
+  lines = [
+    "| optimiser | steps | seconds | s/step | loss | l2_error | relative_l2_error |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for label, seeds in runs.items():
+    last = max(next(iter(seeds.values())), key=lambda r: r["step"])
+    per_step = last["wall_time"] / max(last["step"], 1)
+    lines.append(
+      f"| {label} | {last['step']} | {last['wall_time']:.1f} | {per_step:.3g} | "
+      f"{last.get('pde_loss', float('nan')):.3g} | {last.get('l2_error', float('nan')):.3g} | "
+      f"{last.get('relative_l2_error', float('nan')):.3g} |"
+    )
+  return (
+    "### PINN\n\n" + "\n".join(lines) + "\n\nPlots: `solution.png` (prediction, exact, error), "
+    "`pinn_curves.png` (loss and L2 error).\n"
+  )
