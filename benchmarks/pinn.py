@@ -30,13 +30,11 @@ import optax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
 sys.path.insert(0, ROOT)
-
-import pinn  # noqa: E402
 
 from curvopt.experiment.optimizers import state_diagnostics  # noqa: E402
 from curvopt.optimizers.newton_cg import newton_cg  # noqa: E402
+from experiments import pinn  # noqa: E402
 
 PROBLEM_CONFIGS = {
   "poisson2d": dict(problem="poisson2d", num_interior=900, num_boundary=120),
@@ -59,6 +57,20 @@ def make_optimizer(name: str, task: pinn.Pinn, args) -> tuple[optax.GradientTran
       cg_max_steps=args.cg_max_steps,
       cg_tol=1e-10,
       cg_progress_tol=args.cg_progress_tol,
+      warm_start=0.95,
+    ), 5
+  if name in ("ncg_dense", "ncg_nystrom"):  # newton_cg's dense and Nystrom-preconditioned solvers
+    return newton_cg(
+      1.0,
+      curvature="ggn",
+      model_fn=task.model_fn,
+      loss_fn=task.output_loss,
+      damping=args.ncg_damping,
+      solver=name.removeprefix("ncg_"),
+      cg_max_steps=args.cg_max_steps,
+      cg_tol=1e-10,
+      cg_progress_tol=args.cg_progress_tol,
+      nystrom_rank=args.nystrom_rank,
       warm_start=0.95,
     ), 5
   if name == "adam":
@@ -149,14 +161,14 @@ def summarize(problem: str, records: list[dict], args) -> str:
   for name, rs in by.items():
     last = rs[-1]
     per_step = last["wall_time"] / max(last["step"], 1)
-    cg = last.get("cg_total", 0) / max(last["step"], 1) if name == "newton_cg" else None
+    cg = last.get("cg_total", 0) / max(last["step"], 1) if "cg" in name else None
     at100 = [r for r in rs if r["wall_time"] <= 100]
     at500 = [r for r in rs if r["step"] <= 500]
     lines.append(
       f"| {name} | {last['step']} | {per_step:.3g} | {'' if cg is None else f'{cg:.0f}'} | "
       f"{last['pde_loss']:.2e} | {last['l2_error']:.2e} | {last['relative_l2_error']:.2e} | "
       f"{at100[-1]['l2_error'] if at100 else float('nan'):.2e} | "
-      f"{at500[-1]['l2_error'] if at500 and name == 'newton_cg' else float('nan'):.2e} |"
+      f"{at500[-1]['l2_error'] if at500 and 'cg' in name else float('nan'):.2e} |"
     )
   return "\n".join(lines) + "\n"
 
@@ -173,6 +185,7 @@ def main(argv=None):
   parser.add_argument("--ncg-damping", type=float, default=1e-2)
   parser.add_argument("--cg-max-steps", type=int, default=250)
   parser.add_argument("--cg-progress-tol", type=float, default=5e-4)
+  parser.add_argument("--nystrom-rank", type=int, default=50)
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "pinn"))
   args = parser.parse_args(argv)
   for problem in args.problems:

@@ -287,7 +287,8 @@ def hessian_diagonal(
     :math:`\partial_1^2 f = -\sin x_1`:
 
     >>> f = lambda x: x[0] ** 2 * x[1] + jnp.sin(x[1])
-    >>> hessian_diagonal(f, jnp.array([[1.0, 1.0], [2.0, 3.0]])).round(4).tolist()
+    >>> h = hessian_diagonal(f, jnp.array([[1.0, 1.0], [2.0, 3.0]]))
+    >>> np.asarray(h, np.float64).round(4).tolist()
     [[2.0, -0.8415], [6.0, -0.1411]]
   """
   x = _check_points("hessian_diagonal", x)
