@@ -20,12 +20,11 @@ elementwise parameters (biases, scales) have gradients the size of the parameter
 forward pass and one backward pass through the activations (no parameter gradient is formed),
 computes the per-example squared norms, asks the caller for per-example weights, and forms
 :math:`\sum_i w_i x_i^\top \delta_i` as one weight-gradient contraction per layer. The total is
-an ordinary gradient plus the norms: about 1.1-1.3x a plain gradient for an MLP on CPU; for
-convolutions the per-example products are batched products on unfolded patches, about 1.5x.
+an ordinary gradient plus the norms; for convolutions the per-example products are batched
+products on unfolded patches (measured costs: ``benchmarks/per_example.py`` and the README).
 
 Memory: with global clipping every layer's weight depends on every layer's norm, so all
-:math:`\delta` are alive at once (a plain backward pass frees each after its layer), about
-1.4-1.5x a plain gradient's peak.
+:math:`\delta` are alive at once (a plain backward pass frees each after its layer).
 
 A weight read at several dense products in the same layout (a layer applied twice) stacks the
 factors of its sites, which includes the cross terms between the uses. Parameters used any other
@@ -365,14 +364,13 @@ def _conv_sq_norm(site, data, delta):
   :math:`\langle \sum_o X_o X_o^\top, \Delta \Delta^\top \rangle` (Gram,
   :math:`N^2 (K + P)`), whichever is cheaper. The slices are concatenated into patches
   :math:`(N, K)` for a chunk of examples at a time (at most ``_UNFOLD_BYTES``, ``lax.map`` over
-  chunks) and contracted in one batched product: on CPU, XLA's batched product is about 2.5x
-  faster once :math:`K`-wide than as one :math:`C_{in}`-wide product per offset, and the chunk
-  bound keeps the memory at that of the offset loop (measured on the benchmark CNN: norms about 2x
-  faster, ghost step 1.9x -> 1.5x a plain gradient, peak memory unchanged at 1.5x). Where even
+  chunks) and contracted in one batched product: on CPU, XLA's batched product is much faster
+  once :math:`K`-wide than as one :math:`C_{in}`-wide product per offset, and the chunk bound
+  keeps the memory at that of the offset loop. Where even
   ``_MIN_UNFOLD_CHUNK`` examples' patches would exceed the bound, a ``fori_loop`` over offsets
   keeps one slice alive instead. Unfolding with ``conv_general_dilated_patches`` (a convolution
-  with an identity kernel) or per-example kernel gradients by a grouped convolution measured
-  slower still.
+  with an identity kernel) or per-example kernel gradients by a grouped convolution are slower
+  still.
   """
   params = site.eqn.params
   dn = params["dimension_numbers"]
