@@ -3,12 +3,16 @@ persistent compilation cache shared by every test process."""
 
 import os
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+# jaxlib's CPU LAPACK calls (solve, Cholesky, eigh) spin-wait on OpenBLAS threads when the cores
+# are busy: one thread each keeps them at a few milliseconds. Set before numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import curvopt
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import curvopt  # noqa: E402
 
 # Programs compiled once (the launcher's training loops, the solvers) are reused across tests
 # and across runs of the suite; the directory can be moved with CURVOPT_COMPILATION_CACHE.

@@ -146,6 +146,7 @@ def newton_candidates(batch_size=256):
   they are, and one Adam step: issue 16's "newton_cg step vs Adam step" row."""
   import optax
 
+  from curvopt.linalg import cg as cg_module
   from curvopt.optimizers import newton_cg as newton_module
 
   key = jax.random.key(0)
@@ -170,23 +171,20 @@ def newton_candidates(batch_size=256):
     adapt_damping=False,
   )
   state = tx.init(params)
-  original = newton_module.cg
 
   def newton_step(conv_layout):
-    # The optimiser calls curvopt.linalg.cg.conjugate_gradient through its module reference.
-    patched = type(original)("patched_cg")
-    patched.__dict__.update(original.__dict__)
-    solve = original.conjugate_gradient
-    patched.conjugate_gradient = lambda *a, **k: solve(*a, **k, conv_layout=conv_layout)
+    # The optimiser reaches conjugate_gradient through the curvopt.linalg.cg module attribute:
+    # swap it while tracing to choose the layout.
+    solve = cg_module.conjugate_gradient
 
     @jax.jit
     def step(params, state):
-      newton_module.cg = patched
+      cg_module.conjugate_gradient = lambda *a, **k: solve(*a, **k, conv_layout=conv_layout)
       try:
         grads = jax.grad(value_fn)(params, x=x, y=y)
         updates, state = tx.update(grads, state, params, x=x, y=y)
       finally:
-        newton_module.cg = original
+        cg_module.conjugate_gradient = solve
       return optax.apply_updates(params, updates), state
 
     return lambda: step(params, state)

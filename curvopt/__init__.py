@@ -51,7 +51,8 @@ from curvopt.curvature.estimators import (
 )
 from curvopt.curvature.products import empirical_fisher_fn, ggn_fn, ggn_vp, hvp, hvp_fn
 from curvopt.linalg.cg import CG_STATUSES, CGResult, conjugate_gradient
-from curvopt.linalg.dense import dense_solve
+from curvopt.linalg.dense import dense_matrix, dense_solve
+from curvopt.linalg.layout import canonical_convolutions
 from curvopt.linalg.nystrom import (
   NystromApproximation,
   nystrom_approximation,
@@ -118,8 +119,10 @@ __all__ = [
   "clip_per_example",
   "clipped_grad",
   "clipped_sum_fn",
+  "canonical_convolutions",
   "conjugate_gradient",
   "curvature",
+  "dense_matrix",
   "dense_solve",
   "divergence",
   "dp_aggregate",

@@ -8,9 +8,14 @@ of 256 split over 4 devices) or ``configs/quickstart_sharded.yaml`` (every devic
 """
 
 import importlib
+import os
 import sys
 
-from curvopt.experiment.runner import TaskEntry, main
+# jaxlib's CPU LAPACK calls (the dense and Nyström solvers' solve/eigh) spin-wait on OpenBLAS
+# threads on busy cores; one thread keeps them fast. Set before numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from curvopt.experiment.runner import TaskEntry, main  # noqa: E402
 
 # task name -> module of the `experiments` package defining `Config` (schema) and
 # `build(cfg, dtype)`; `pip install -e .` makes the package importable from anywhere.

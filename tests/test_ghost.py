@@ -280,7 +280,7 @@ def test_plain_lax_convolutions_strided_dilated_nchw(channels, unfold, monkeypat
 
 
 def test_unsupported_parameters_fall_back_exactly_and_say_so_once():
-  """Tied weights, a parameter through a nonlinearity and a grouped conv use the fallback."""
+  """A parameter through a nonlinearity and a grouped conv use the fallback; tied weights not."""
   k = jax.random.split(jax.random.key(8), 5)
   params = {
     "tied": jax.random.normal(k[0], (3, 3), jnp.float64),
@@ -308,9 +308,10 @@ def test_unsupported_parameters_fall_back_exactly_and_say_so_once():
   caught = _check(loss_fn, params, batch, expect_warning=True, rtol=1e-9)
   assert len(caught) == 1  # one trace, one warning naming every such leaf
   message = str(caught[0].message)
-  for name in ("'tied'", "'gate'", "'grouped'"):
+  for name in ("'gate'", "'grouped'"):
     assert name in message
   assert "'dense'" not in message
+  assert "'tied'" not in message  # x @ W and h @ W.T: stacked factors, cross terms included
 
 
 def test_zero_weight_example_with_nan_contributes_exactly_zero():
@@ -453,3 +454,100 @@ def test_bfloat16_model_norms_in_float32():
   )
   _assert_tree_close(sq, ref_sq, rtol=5e-2, atol_scale=5e-2)
   _assert_tree_close(up(total), ref_total, rtol=5e-2, atol_scale=5e-2)
+
+
+@pytest.mark.parametrize("seq", [None, 2, 12])
+def test_layer_applied_twice_needs_no_fallback(seq):
+  """One weight at two dense products (cross terms by stacked factors) equals the loop.
+
+  ``seq=None``: one row per site; ``2``: short sequences (Gram rule); ``12``: long (direct).
+  """
+  k = jax.random.split(jax.random.key(21), 4)
+  params = {
+    "shared": jax.random.normal(k[0], (4, 4), jnp.float64) / 2,
+    "head": jax.random.normal(k[1], (4, 2), jnp.float64),
+  }
+
+  def loss_fn(p, ex):
+    h = jnp.tanh(ex["x"] @ p["shared"])
+    h = jnp.tanh(h @ p["shared"]) + h  # the same layer again
+    out = h @ p["head"]
+    return _regression(out if seq is None else out.mean(axis=0), ex["y"])
+
+  shape = (4,) if seq is None else (seq, 4)
+  batch = _data(k[2], 5, shape, 2, jnp.float64)
+  _check(loss_fn, params, batch, rtol=1e-9)
+  plan = ghost._ghost_jaxpr.find_sites(
+    jax.make_jaxpr(
+      lambda leaves, ex: loss_fn(dict(zip(["head", "shared"], leaves, strict=True)), ex)
+    )([params["head"], params["shared"]], jax.tree.map(lambda x: x[0], batch)).jaxpr,
+    2,
+  )
+  assert list(plan.reused) == [1] and len(plan.reused[1]) == 2 and not plan.unsupported
+
+
+@pytest.mark.parametrize("form", ["take_matmul_transpose", "take_einsum", "one_hot_matmul"])
+def test_tied_embedding_and_output_projection_needs_no_fallback(form):
+  """A GPT-style tied embedding: the table's row lookups and its use as the output projection.
+
+  The cross terms between the lookup and the projection come from stacking one-hot rows with
+  the projection's factors in the table's own layout; the result equals the jax.grad loop.
+  ``one_hot_matmul`` looks rows up as a dense product (contracting the table's row axis).
+  """
+  vocab, dim, seq = 7, 5, 6
+  k = jax.random.split(jax.random.key(22), 4)
+  params = {
+    "embed": jax.random.normal(k[0], (vocab, dim), jnp.float64),
+    "mix": jax.random.normal(k[1], (dim, dim), jnp.float64) / 2,
+  }
+
+  def loss_fn(p, ex):
+    if form == "one_hot_matmul":
+      rows = jax.nn.one_hot(ex["tokens"], vocab, dtype=jnp.float64) @ p["embed"]
+    else:
+      rows = jnp.take(p["embed"], ex["tokens"], axis=0)
+    h = jnp.tanh(rows @ p["mix"])
+    if form == "take_einsum":
+      logits = jnp.einsum("td,vd->tv", h, p["embed"])
+    else:
+      logits = h @ p["embed"].T
+    return -jnp.sum(jax.nn.log_softmax(logits)[jnp.arange(seq), ex["targets"]])
+
+  tokens = jax.random.randint(k[2], (5, seq), 0, vocab).at[0, :3].set(2)  # repeated ids
+  batch = {"tokens": tokens, "targets": jax.random.randint(k[3], (5, seq), 0, vocab)}
+  _check(loss_fn, params, batch, rtol=1e-9)
+
+
+def test_gpt_block_with_positions_and_tied_embedding_needs_no_fallback():
+  """Embedding + position table, LayerNorm, 2-head attention, MLP, tied output projection."""
+  vocab, seq, dim, heads = 11, 8, 16, 2
+  k = jax.random.split(jax.random.key(23), 9)
+  dense = lambda key, a, b: jax.random.normal(key, (a, b), jnp.float64) / np.sqrt(a)
+  params = {
+    "embed": jax.random.normal(k[0], (vocab, dim), jnp.float64),
+    "pos": 0.1 * jax.random.normal(k[1], (seq, dim), jnp.float64),
+    "ln": {"scale": 1.0 + 0.1 * jax.random.normal(k[2], (dim,), jnp.float64)},
+    "q": dense(k[3], dim, dim),
+    "k": dense(k[4], dim, dim),
+    "v": dense(k[5], dim, dim),
+    "o": dense(k[6], dim, dim),
+    "mlp": dense(k[7], dim, 2 * dim),
+  }
+
+  def loss_fn(p, ex):
+    x = jnp.take(p["embed"], ex["tokens"], axis=0) + p["pos"]
+    mu = x.mean(-1, keepdims=True)
+    h = (x - mu) / jnp.sqrt(jnp.square(x - mu).mean(-1, keepdims=True) + 1e-5) * p["ln"]["scale"]
+    split = lambda t: t.reshape(seq, heads, dim // heads)
+    q, kk, v = split(h @ p["q"]), split(h @ p["k"]), split(h @ p["v"])
+    att = jax.nn.softmax(jnp.einsum("thd,shd->hts", q, kk) / np.sqrt(dim // heads), axis=-1)
+    x = x + jnp.einsum("hts,shd->thd", att, v).reshape(seq, dim) @ p["o"]
+    x = x + jax.nn.gelu(x @ p["mlp"]).reshape(seq, dim, 2).sum(-1)
+    logits = x @ p["embed"].T
+    return -jnp.sum(jax.nn.log_softmax(logits)[jnp.arange(seq), ex["targets"]])
+
+  batch = {
+    "tokens": jax.random.randint(k[8], (4, seq), 0, vocab),
+    "targets": jax.random.randint(jax.random.key(24), (4, seq), 0, vocab),
+  }
+  _check(loss_fn, params, batch, rtol=1e-9)

@@ -10,7 +10,7 @@ from jax.flatten_util import ravel_pytree
 from linalg_problems import join, spd, split, with_spectrum
 
 from curvopt.linalg.dense import dense_matrix, dense_solve
-from curvopt.linalg.solve import SOLVERS, get_solver
+from curvopt.linalg.solve import SOLVE_FNS, get_solve_fn
 from curvopt.linalg.status import SolverStatus
 
 
@@ -98,12 +98,12 @@ def test_nonfinite_matrix_reports_status_and_zero_step():
   np.testing.assert_array_equal(result.x, np.zeros(3))
 
 
-@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("name", sorted(SOLVE_FNS))
 def test_registered_solvers_follow_one_protocol(name):
   # Every registered solver: same call, same result type, same answer on an SPD system.
   a = spd(12, 100.0, 8)
   b = np.random.default_rng(9).normal(size=12)
-  solver = get_solver(name)
+  solver = get_solve_fn(name)
   if name == "nystrom":
     solver = functools.partial(solver, rank=4)
   result = jax.jit(
@@ -129,4 +129,4 @@ def test_misuse_raises():
   with pytest.raises(ValueError, match="method"):
     dense_solve(lambda v: v, jnp.ones(2), method="qr")
   with pytest.raises(ValueError, match="Unknown solver"):
-    get_solver("gmres")
+    get_solve_fn("gmres")

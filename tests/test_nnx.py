@@ -314,13 +314,6 @@ def test_end_to_end_cnn_with_batchnorm_curvature_and_newton_cg():
   assert np.isfinite(float(state.info.rho[...]))
 
 
-@pytest.mark.xfail(
-  strict=True,
-  reason="needs dp_sgd to read the ghost ClippedSum that nnx.Optimizer turns into a State, and "
-  "ghost clipping of an nnx Module's Param state (issue 15, privacy helper): today "
-  "'The leaves of updates (per-example gradients) disagree on the leading (example) axis'. "
-  "Remove this marker when it lands.",
-)
 def test_end_to_end_ghost_dp_sgd_through_nnx_optimizer():
   x, y = _digits_like()
   model = SmallCNN(nnx.Rngs(0))

@@ -22,7 +22,7 @@ from curvopt.linalg.status import CG_STATUSES, SolverStatus
 
 Matvec = Callable[[Any], Any]
 
-__all__ = ["CG_STATUSES", "CGResult", "SolveResult", "SolverStatus", "conjugate_gradient"]
+__all__ = ["CG_STATUSES", "CGResult", "SolverStatus", "conjugate_gradient"]
 
 _MAX_STEPS = SolverStatus.MAX_STEPS.value
 _RESIDUAL = SolverStatus.RESIDUAL.value
@@ -64,10 +64,6 @@ class CGResult(NamedTuple):
   converged: jax.Array
   selected_step: jax.Array
   min_curvature: jax.Array
-
-
-#: The result type of the solver protocol (:mod:`curvopt.linalg.solve`): one record for all.
-SolveResult = CGResult
 
 
 class _Carry(NamedTuple):

@@ -85,7 +85,10 @@ class NewtonCGState(NamedTuple):
   r"""State of :func:`scale_by_newton_cg`: the algorithm's state and a :class:`NewtonCGInfo`.
 
   The diagnostics are also readable as attributes of the state (``state.rho`` is
-  ``state.info.rho``).
+  ``state.info.rho``). :func:`newton_cg` returns a chain, so its state is a tuple whose first
+  element is this state (``state[0].info.rho``). Through ``flax.nnx.Optimizer`` every leaf is
+  wrapped in an ``OptArray`` variable: read ``optimizer.opt_state[0].info.rho[...]`` (or
+  ``.value``).
 
   Attributes:
     count: number of updates so far.

@@ -167,15 +167,73 @@ class Plan:
     sites: one :class:`Site` per supported leaf, by leaf index.
     unsupported: indices of leaves that need the exact per-example fallback, with the reason.
     unused: indices of leaves the loss does not use (zero gradient).
+    reused: leaves used at several dense-product sites that read them in the same coordinates
+      (a layer applied twice), by leaf index: their per-example gradient is the sum over the
+      sites, whose factors concatenate (see :func:`curvopt.privacy.ghost.ghost_clipped_sum`).
   """
 
   sites: dict[int, Site]
   unsupported: dict[int, str]
   unused: list[int]
+  reused: dict[int, list[Site]] = dataclasses.field(default_factory=dict)
 
 
-def find_sites(jaxpr, num_leaves: int) -> Plan:
-  """Finds the site of every parameter leaf; ``jaxpr.invars[:num_leaves]`` are the leaves."""
+def _same_coordinates(uses: list[Any]) -> bool:
+  """Whether every use is a ``dot`` site reading the leaf through the same chain and layout."""
+  if len(uses) < 2 or not all(isinstance(u, Site) and u.kind == "dot" for u in uses):
+    return False
+  first = uses[0]
+
+  def signature(site):
+    eqn = site.eqn
+    chain = tuple((e.primitive.name, str(e.params)) for e in site.chain)
+    param_aval = eqn.invars[site.param_pos].aval
+    return (
+      site.param_pos,
+      chain,
+      str(eqn.params["dimension_numbers"]),
+      param_aval.shape,
+      eqn.invars[1 - site.param_pos].aval.ndim,
+    )
+
+  return all(signature(u) == signature(first) for u in uses[1:])
+
+
+_LAYOUT_ONLY = ("transpose", "convert_element_type", "copy", "copy_p")
+
+
+def leaf_axes(site: Site) -> tuple[int, ...] | None:
+  """For a 2-D leaf read through transposes only: the leaf axis of each operand axis, else None."""
+  perm = (0, 1)
+  for eqn in site.chain:
+    if eqn.primitive.name not in _LAYOUT_ONLY:
+      return None
+    if eqn.primitive.name == "transpose":
+      perm = tuple(perm[i] for i in eqn.params["permutation"])
+  return perm
+
+
+def matrix_site(site: Site, leaf_ndim: int) -> bool:
+  """Whether a site reads a 2-D leaf as a matrix whose per-example gradient is ``A^T D``.
+
+  A row lookup (``gather``) or a dense product with one contracting and no batch dimension on the
+  parameter side, through transposes and dtype conversions only (no sign flip, no reshape).
+  """
+  if leaf_ndim != 2 or site.kind not in ("dot", "gather") or leaf_axes(site) is None:
+    return False
+  if site.kind == "gather":
+    return True
+  (lhs_c, rhs_c), (lhs_b, _) = site.eqn.params["dimension_numbers"]
+  p_c = lhs_c if site.param_pos == 0 else rhs_c
+  return len(p_c) == 1 and not lhs_b
+
+
+def find_sites(jaxpr, num_leaves: int, leaf_ndims: Sequence[int] | None = None) -> Plan:
+  """Finds the site(s) of every parameter leaf; ``jaxpr.invars[:num_leaves]`` are the leaves.
+
+  With ``leaf_ndims``, a 2-D leaf read at several row lookups and dense products (a tied
+  embedding and output projection) is ``reused`` too (see :func:`matrix_site`).
+  """
   uses: dict[int, list[Site | str]] = {i: [] for i in range(num_leaves)}
   in_tags = [_Tag(i, (), True) for i in range(num_leaves)]
   in_tags += [None] * (len(jaxpr.invars) - num_leaves)
@@ -183,16 +241,21 @@ def find_sites(jaxpr, num_leaves: int) -> Plan:
   for tag in out_tags:
     if tag is not None:
       uses[tag.leaf].append("returned as an output")
-  sites, unsupported, unused = {}, {}, []
+  sites, unsupported, unused, reused = {}, {}, [], {}
   for leaf, leaf_uses in uses.items():
     if not leaf_uses:
       unused.append(leaf)
     elif len(leaf_uses) == 1 and isinstance(leaf_uses[0], Site):
       sites[leaf] = leaf_uses[0]
+    elif _same_coordinates(leaf_uses) or (
+      leaf_ndims is not None
+      and all(isinstance(u, Site) and matrix_site(u, leaf_ndims[leaf]) for u in leaf_uses)
+    ):
+      reused[leaf] = list(leaf_uses)
     else:
       reasons = [u.eqn.primitive.name if isinstance(u, Site) else u for u in leaf_uses]
       unsupported[leaf] = ", ".join(reasons) if len(reasons) == 1 else f"used {len(reasons)}x"
-  return Plan(sites, unsupported, unused)
+  return Plan(sites, unsupported, unused, reused)
 
 
 def _walk(jaxpr, in_tags, prefix, uses):

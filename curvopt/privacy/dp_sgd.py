@@ -128,7 +128,7 @@ def dp_aggregate(
   per-layer ``norms``), which is recognised; the dropped and clipped counts are then reported as
   -1 (unknown) and a global-clipping ``ClippedSum`` needs ``expected_batch_size``. Read the counts
   from the ``ClippedSum``, and the state's fields through ``optimizer.opt_state[0].<field>``
-  (an ``nnx.OptArray``: ``int(...)``/``[...]`` gives the value).
+  (an ``nnx.OptArray``; ``field[...]`` gives the array).
 
   Args:
     l2_norm_clip: the clip norm :math:`C \ge 0`.

@@ -20,16 +20,17 @@ elementwise parameters (biases, scales) have gradients the size of the parameter
 forward pass and one backward pass through the activations (no parameter gradient is formed),
 computes the per-example squared norms, asks the caller for per-example weights, and forms
 :math:`\sum_i w_i x_i^\top \delta_i` as one weight-gradient contraction per layer. The total is
-an ordinary gradient plus the norms: about 1.1-1.3x a plain gradient for an MLP on CPU; for
-convolutions the per-example products are batched products on unfolded patches, about 1.5x.
+an ordinary gradient plus the norms; for convolutions the per-example products are batched
+products on unfolded patches (measured costs: ``benchmarks/per_example.py`` and the README).
 
 Memory: with global clipping every layer's weight depends on every layer's norm, so all
-:math:`\delta` are alive at once (a plain backward pass frees each after its layer), about
-1.4-1.5x a plain gradient's peak.
+:math:`\delta` are alive at once (a plain backward pass frees each after its layer).
 
-Parameters used any other way (twice, inside a custom-derivative call or control flow, through
-a nonlinearity) get exact per-example gradients for those leaves only, with one warning per
-trace that names them.
+A weight read at several dense products in the same layout (a layer applied twice) stacks the
+factors of its sites, which includes the cross terms between the uses. Parameters used any other
+way (tied across different kinds of layer, inside a custom-derivative call or control flow,
+through a nonlinearity) get exact per-example gradients for those leaves only, with one warning
+per trace that names them.
 """
 
 import itertools
@@ -119,7 +120,7 @@ def ghost_clipped_sum(
       "loss_fn(params, example) sees ONE example (no batch axis): reduce its output (e.g. .sum() "
       "or .mean()) over the example's own axes."
     )
-  plan = _ghost_jaxpr.find_sites(closed.jaxpr, len(leaves))
+  plan = _ghost_jaxpr.find_sites(closed.jaxpr, len(leaves), [jnp.ndim(x) for x in leaves])
   if plan.unsupported:
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     names = "; ".join(f"params{paths[i]} ({why})" for i, why in plan.unsupported.items())
@@ -129,6 +130,7 @@ def ghost_clipped_sum(
       stacklevel=2,
     )
   sites = {site.key: site for site in plan.sites.values()}
+  sites.update({site.key: site for leaf_sites in plan.reused.values() for site in leaf_sites})
   fallback = sorted(plan.unsupported)
 
   def one_example(fb_leaves, example, probes):
@@ -153,6 +155,8 @@ def ghost_clipped_sum(
   data = {key: site.full_data(data[key], num_examples) for key, site in sites.items()}
   for leaf, site in plan.sites.items():
     sq[leaf] = _site_sq_norm(site, data[site.key], deltas[site.key], leaves[leaf])
+  for leaf, leaf_sites in plan.reused.items():
+    sq[leaf] = _reused_sq_norm(leaf_sites, data, deltas)
   for i, g in zip(fallback, fb_grads, strict=True):
     sq[i] = jnp.sum(jnp.square(_at_least_f32(g)).reshape(num_examples, -1), axis=1)
   sq_norms = jax.tree.unflatten(treedef, sq)
@@ -168,6 +172,11 @@ def ghost_clipped_sum(
     total[leaf] = _site_weighted_sum(
       site, data[site.key], deltas[site.key], weights[leaf], leaves[leaf], sq[leaf]
     )
+  for leaf, leaf_sites in plan.reused.items():
+    for site in leaf_sites:
+      total[leaf] = total[leaf] + _site_weighted_sum(
+        site, data[site.key], deltas[site.key], weights[leaf], leaves[leaf], sq[leaf]
+      )
   for i, g in zip(fallback, fb_grads, strict=True):
     w = weights[i]
     keep = _expand(w != 0, g.ndim)
@@ -237,11 +246,57 @@ def _site_sq_norm(site, data, delta, leaf):
   return _product_sq_norm(a, d)
 
 
-def _product_sq_norm(a, d):
+def _reused_sq_norm(leaf_sites, data, deltas):
+  r"""A leaf read at several dense-product sites in the same coordinates, cross terms included.
+
+  Its per-example gradient is :math:`\sum_s a_s^\top \delta_s = A^\top D` with
+  :math:`A = [a_1; a_2; \dots]` and :math:`D = [\delta_1; \delta_2; \dots]` stacked along
+  the rows, so its squared norm :math:`\sum_{s,t} \langle a_s a_t^\top, \delta_s
+  \delta_t^\top\rangle` is the single-site identity on the stacked factors (Gram or direct,
+  whichever is cheaper): no per-example gradient of the leaf is formed.
+  """
+  if _ghost_jaxpr._same_coordinates(leaf_sites):
+    factors = [_dot_factors(site, data[site.key], deltas[site.key]) for site in leaf_sites]
+  else:
+    factors = [_matrix_factors(site, data[site.key], deltas[site.key]) for site in leaf_sites]
+  a = jnp.concatenate([_at_least_f32(a) for a, _ in factors], axis=2)
+  d = jnp.concatenate([_at_least_f32(d) for _, d in factors], axis=2)
+  return _product_sq_norm(a, d, stacked=True)
+
+
+def _matrix_factors(site, data, delta):
+  r"""``(A, D)``, shapes ``(B, 1, N, rows)`` and ``(B, 1, N, cols)``: the example's gradient of
+  a 2-D leaf read at ``site`` is :math:`A^\top D` in the leaf's own (rows, cols) layout.
+
+  A dense product gives its data and cotangent factors, swapped when the parameter operand's
+  contracting axis is the leaf's column axis (``h @ E.T``); a row lookup gives the one-hot rows
+  of its indices and its cotangent rows (swapped if the table is the transposed leaf).
+  """
+  axes = _ghost_jaxpr.leaf_axes(site)
+  if site.kind == "dot":
+    a, d = _dot_factors(site, data, delta)
+    (lhs_c, rhs_c), _ = site.eqn.params["dimension_numbers"]
+    p_c = (lhs_c if site.param_pos == 0 else rhs_c)[0]
+    return (a, d) if axes[p_c] == 0 else (d, a)
+  idx = data[1]
+  b = idx.shape[0]
+  table_rows = site.eqn.invars[0].aval.shape[0]
+  ids = idx.reshape(b, -1)
+  d = delta.reshape(b, ids.shape[1], -1)
+  if "FILL_OR_DROP" in str(site.eqn.params["mode"]):
+    valid = (ids >= 0) & (ids < table_rows)
+  else:
+    ids, valid = jnp.clip(ids, 0, table_rows - 1), jnp.ones(ids.shape, bool)
+  one_hot = jax.nn.one_hot(ids, table_rows, dtype=d.dtype) * valid[..., None]
+  a, d = one_hot[:, None], jnp.where(valid[..., None], d, 0)[:, None]
+  return (a, d) if axes[0] == 0 else (d, a)
+
+
+def _product_sq_norm(a, d, stacked=False):
   r""":math:`\sum_g \|a_g^\top d_g\|_F^2` per example, ``a: (B, G, N, K)``, ``d: (B, G, N, P)``."""
   a, d = _at_least_f32(a), _at_least_f32(d)
   n, k, p = a.shape[2], a.shape[3], d.shape[3]
-  if n == 1:
+  if n == 1 and not stacked:
     sq = jnp.sum(jnp.square(a), axis=(2, 3)) * jnp.sum(jnp.square(d), axis=(2, 3))
   elif n * (k + p) < k * p:
     gram_a = jnp.einsum("bgnk,bgmk->bgnm", a, a)
@@ -309,14 +364,13 @@ def _conv_sq_norm(site, data, delta):
   :math:`\langle \sum_o X_o X_o^\top, \Delta \Delta^\top \rangle` (Gram,
   :math:`N^2 (K + P)`), whichever is cheaper. The slices are concatenated into patches
   :math:`(N, K)` for a chunk of examples at a time (at most ``_UNFOLD_BYTES``, ``lax.map`` over
-  chunks) and contracted in one batched product: on CPU, XLA's batched product is about 2.5x
-  faster once :math:`K`-wide than as one :math:`C_{in}`-wide product per offset, and the chunk
-  bound keeps the memory at that of the offset loop (measured on the benchmark CNN: norms about 2x
-  faster, ghost step 1.9x -> 1.5x a plain gradient, peak memory unchanged at 1.5x). Where even
+  chunks) and contracted in one batched product: on CPU, XLA's batched product is much faster
+  once :math:`K`-wide than as one :math:`C_{in}`-wide product per offset, and the chunk bound
+  keeps the memory at that of the offset loop. Where even
   ``_MIN_UNFOLD_CHUNK`` examples' patches would exceed the bound, a ``fori_loop`` over offsets
   keeps one slice alive instead. Unfolding with ``conv_general_dilated_patches`` (a convolution
-  with an identity kernel) or per-example kernel gradients by a grouped convolution measured
-  slower still.
+  with an identity kernel) or per-example kernel gradients by a grouped convolution are slower
+  still.
   """
   params = site.eqn.params
   dn = params["dimension_numbers"]
