@@ -1,6 +1,7 @@
 """Tests for curvopt.linalg.cg against dense linear algebra and a NumPy reference CG."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -266,3 +267,108 @@ def test_new_options_misuse_raises():
     conjugate_gradient(lambda v: v, jnp.ones(2), unroll=0)
   with pytest.raises(ValueError, match="recompute_residual_every"):
     conjugate_gradient(lambda v: v, jnp.ones(2), recompute_residual_every=0)
+
+
+# ------------------------------------------------------------- packed loop, one operator trace
+
+
+def _many_leaves(v, n_leaves):
+  """A flat vector as a pytree of ``n_leaves`` leaves of mixed shapes."""
+  sizes = np.diff(np.linspace(0, v.shape[0], n_leaves + 1).astype(int))
+  offsets = np.concatenate([[0], np.cumsum(sizes)])
+  return [v[o : o + s] for o, s in zip(offsets[:-1], sizes, strict=True)]
+
+
+@pytest.mark.parametrize(
+  "options",
+  [
+    {"tol": 1e-10},
+    {"tol": 0.0, "progress_tol": 5e-2, "max_steps": 12},
+    {"tol": 0.0, "backtrack_fn": lambda x: jnp.sum(jnp.concatenate(x) ** 2), "max_steps": 12},
+    {"tol": 1e-10, "recompute_residual_every": 5},
+  ],
+)
+@pytest.mark.parametrize("warm", [False, True])
+def test_packed_loop_equals_pytree_loop(options, warm):
+  # Same iterates up to the order of summation in inner products (float64).
+  a = jnp.asarray(_spd(24, 10.0, 21))
+  b = jnp.asarray(np.random.default_rng(22).normal(size=24))
+  x0 = _many_leaves(jnp.linspace(-0.1, 0.1, 24), 5) if warm else None
+  diag = jnp.diag(a)
+  solve = lambda flatten: conjugate_gradient(
+    lambda t: _many_leaves(a @ jnp.concatenate(t), 5),
+    _many_leaves(b, 5),
+    x0,
+    preconditioner=lambda t: _many_leaves(jnp.concatenate(t) / diag, 5),
+    flatten=flatten,
+    **options,
+  )
+  packed, plain = jax.jit(lambda: solve(True))(), jax.jit(lambda: solve(False))()
+  assert jax.tree.structure(packed.x) == jax.tree.structure(plain.x)
+  for field in ("num_steps", "status", "selected_step", "converged", "negative_curvature"):
+    assert int(getattr(packed, field)) == int(getattr(plain, field)), field
+  np.testing.assert_allclose(jnp.concatenate(packed.x), jnp.concatenate(plain.x), rtol=1e-7)
+  for field in ("quadratic_value", "min_curvature"):
+    np.testing.assert_allclose(getattr(packed, field), getattr(plain, field), rtol=1e-9)
+  np.testing.assert_allclose(packed.relative_residual, plain.relative_residual, atol=1e-9)
+
+
+def test_packed_loop_keeps_mixed_dtypes_and_vmaps():
+  a = jnp.asarray(_spd(6, 10.0, 23), jnp.float32)
+
+  def matvec(t):
+    v = a @ jnp.concatenate([t["lo"].astype(jnp.float32), t["hi"]])
+    return {"lo": v[:2].astype(jnp.bfloat16), "hi": v[2:]}
+
+  b = {"lo": jnp.ones(2, jnp.bfloat16), "hi": jnp.ones(4, jnp.float32)}
+  result = conjugate_gradient(matvec, b, tol=1e-3)
+  assert result.x["lo"].dtype == jnp.bfloat16 and result.x["hi"].dtype == jnp.float32
+  x = np.concatenate([np.asarray(result.x["lo"], np.float32), result.x["hi"]])
+  np.testing.assert_allclose(x, np.linalg.solve(np.asarray(a), np.ones(6)), rtol=0.05)
+
+  rhs = jnp.asarray(np.random.default_rng(24).normal(size=(3, 12)))
+  dense = jnp.asarray(_spd(12, 10.0, 25))
+  batched = jax.vmap(
+    lambda r: conjugate_gradient(lambda t: split(dense @ join(t)), split(r), tol=1e-12).x
+  )(rhs)
+  np.testing.assert_allclose(jax.vmap(join)(batched), np.linalg.solve(dense, rhs.T).T, rtol=1e-8)
+
+
+def _count_primitive(jaxpr, name):
+  """Occurrences of a primitive in a jaxpr and every sub-jaxpr (loop bodies, cond branches)."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == name
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      count += _count_primitive(sub, name)
+  return count
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_warm_started_solve_holds_the_operator_once(flatten):
+  # The warm start's product A x0 is the loop's first trip, so the compiled program holds one
+  # copy of the operator (a network's whole linearised product), not two. The operator is
+  # marked by a cumsum, which nothing else in CG uses.
+  a = jnp.asarray(_spd(12, 10.0, 26))
+  matvec = lambda t: split(a @ join(t) + 0.0 * jnp.cumsum(join(t)))
+  b, x0 = split(jnp.ones(12)), split(jnp.full(12, 0.01))
+  solve = lambda b, x0: conjugate_gradient(matvec, b, x0, tol=1e-12, flatten=flatten)
+  assert _count_primitive(jax.make_jaxpr(solve)(b, x0).jaxpr, "cumsum") == 1
+  result = jax.jit(solve)(b, x0)
+  np.testing.assert_allclose(join(result.x), np.linalg.solve(a, np.ones(12)), rtol=1e-8)
+
+
+def test_loop_body_does_not_grow_with_the_number_of_leaves():
+  # Packed into one vector, the loop compiles to the same program for 2 or 40 leaves; only the
+  # operator (here a matrix product) sees the pytree.
+  def body_size(n_leaves):
+    a = jnp.eye(40)
+    solve = lambda b: conjugate_gradient(
+      lambda t: _many_leaves(a @ jnp.concatenate(t), n_leaves), b, tol=1e-6
+    )
+    jaxpr = jax.make_jaxpr(solve)(_many_leaves(jnp.ones(40), n_leaves)).jaxpr
+    (loop,) = [e for e in jaxpr.eqns if e.primitive.name == "while"]
+    body = loop.params["body_jaxpr"].jaxpr
+    return sum(e.primitive.name not in ("slice", "concatenate", "reshape") for e in body.eqns)
+
+  assert body_size(40) == body_size(2)

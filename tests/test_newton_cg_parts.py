@@ -223,6 +223,8 @@ def test_a_linalg_solve_fn_plugs_in_as_the_solver():
 
   def richardson(matvec, b, x0=None, *, damping=0.0, preconditioner=None, max_steps=100, tol=0):
     del x0, preconditioner, tol
+    # A user's solver sees pytrees shaped like the parameters (built-in ones run packed).
+    assert jax.tree.structure(b) == jax.tree.structure(params)
     damped = lambda v: optax.tree.add_scale(matvec(v), damping, v)
     x = optax.tree.zeros_like(b)
     for _ in range(3):  # a fixed, small number of sweeps

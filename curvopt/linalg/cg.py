@@ -6,7 +6,9 @@ optimisation (Martens 2010), so beyond textbook CG it stops early on non-positiv
 (Steihaug 1983), on a relative residual, or when the quadratic model stops making progress
 (Martens 2010 §4.4), and it can return the best of a few saved iterates according to a true
 objective (Martens 2010 §4.6). The whole solve is one :func:`jax.lax.while_loop`: no host
-round-trip per iteration, ``jit``/``vmap``-able, and pytree-native (no ``ravel_pytree``).
+round-trip per iteration, ``jit``/``vmap``-able, and pytree-native: ``b``, ``x0`` and the
+operator are pytrees; the loop itself runs on one packed vector per dtype, which keeps the
+compiled loop body small (see :mod:`curvopt.linalg.flat`).
 """
 
 import math
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from curvopt.linalg.flat import flat_layout
 from curvopt.linalg.layout import ConvLayout, with_conv_layout
 from curvopt.linalg.status import CG_STATUSES, SolverStatus
 
@@ -80,6 +83,7 @@ class _Carry(NamedTuple):
   saved_x: Any
   saved_phi: jax.Array
   min_curvature: jax.Array
+  warm: jax.Array  # this trip computes A x0 for the warm start instead of an iteration
 
 
 def _backtrack_schedule(max_steps: int, factor: float) -> tuple[int, ...]:
@@ -110,6 +114,7 @@ def conjugate_gradient(
   recompute_residual_every: int | None = None,
   unroll: int = 1,
   conv_layout: ConvLayout = "auto",
+  flatten: bool = True,
 ) -> CGResult:
   r"""Truncated preconditioned conjugate gradient for :math:`A x = b`, over pytrees.
 
@@ -176,6 +181,9 @@ def conjugate_gradient(
     unroll: iterations per ``while_loop`` trip (static positive int).
     conv_layout: ``"canonical"`` rewrites the operator's convolutions to XLA:CPU's canonical
       layout, ``"as_is"`` leaves them, ``"auto"`` rewrites on the CPU backend only.
+    flatten: run the loop on one vector per dtype (:func:`~curvopt.linalg.flat.flat_layout`)
+      instead of on the pytree; the operator, preconditioner and ``backtrack_fn`` still see
+      pytrees. Same iterates; far fewer kernels to compile for many-leaf pytrees.
 
   Returns:
     A :class:`CGResult`.
@@ -217,6 +225,27 @@ def conjugate_gradient(
   for name, value in (("recompute_residual_every", recompute_residual_every), ("unroll", unroll)):
     if value is not None and not (isinstance(value, int) and value >= 1):
       raise ValueError(f"{name} must be a positive int; got {value!r}.")
+  if flatten and len(jax.tree.leaves(b)) > 1:
+    pack, unpack = flat_layout(b)
+    result = conjugate_gradient(
+      lambda v: pack(matvec(unpack(v))),
+      pack(b),
+      None if x0 is None else pack(x0),
+      damping=damping,
+      preconditioner=None if preconditioner is None else lambda r: pack(preconditioner(unpack(r))),
+      max_steps=max_steps,
+      tol=tol,
+      progress_tol=progress_tol,
+      progress_window=progress_window,
+      steihaug=steihaug,
+      backtrack_fn=None if backtrack_fn is None else lambda v: backtrack_fn(unpack(v)),
+      backtrack_factor=backtrack_factor,
+      recompute_residual_every=recompute_residual_every,
+      unroll=unroll,
+      conv_layout=conv_layout,
+      flatten=False,
+    )
+    return result._replace(x=unpack(result.x))
   matvec = with_conv_layout(matvec, conv_layout)
   if isinstance(damping, (int, float)) and damping == 0:
     operator = matvec
@@ -229,45 +258,66 @@ def conjugate_gradient(
   b_norm = jnp.sqrt(vdot(b, b))
   tol = jnp.asarray(tol, dtype)
 
-  # Warm start, kept only when it improves on zero: phi(x) = -0.5 x.(b + r) with r = b - Ax.
-  if x0 is None:
-    x, r, phi = zeros, b, jnp.zeros((), dtype)
-  else:
-    x0 = optax.tree.cast_like(x0, b)
-    r0 = optax.tree.sub(b, operator(x0))
-    phi0 = -0.5 * vdot(x0, optax.tree.add(b, r0))
-    keep = phi0 < 0
-    x = optax.tree.where(keep, x0, zeros)
-    r = optax.tree.where(keep, r0, b)
-    phi = jnp.where(keep, phi0, 0.0).astype(dtype)
-  z = precond(r)
-  rz = vdot(r, z)
-  r_norm0 = jnp.sqrt(vdot(r, r))
-  done0 = r_norm0 <= tol * b_norm
-
   schedule = _backtrack_schedule(max_steps, backtrack_factor) if backtrack_fn else ()
   num_saved = len(schedule)
   schedule_arr = jnp.asarray(schedule or (0,), jnp.int32)
-  saved_x = jax.tree.map(lambda leaf: jnp.zeros((num_saved, *leaf.shape), leaf.dtype), b)
 
-  carry = _Carry(
-    k=jnp.zeros((), jnp.int32),
-    x=x,
-    r=r,
-    p=z,
-    rz=rz,
-    phi=phi,
-    phi_history=jnp.zeros((max_steps + 1,), dtype).at[0].set(phi),
-    status=jnp.where(done0, _RESIDUAL, _MAX_STEPS).astype(jnp.int32),
-    done=done0,
-    selected_step=jnp.zeros((), jnp.int32),
-    saved_x=saved_x,
-    saved_phi=jnp.full((num_saved,), jnp.inf, dtype),
-    min_curvature=jnp.asarray(jnp.inf, dtype),
-  )
+  def initial(x: Any, r: Any, phi: jax.Array) -> _Carry:
+    """The carry that starts CG from ``x`` with residual ``r = b - Ax`` and value ``phi``."""
+    z = precond(r)
+    done = jnp.sqrt(vdot(r, r)) <= tol * b_norm
+    return _Carry(
+      k=jnp.zeros((), jnp.int32),
+      x=x,
+      r=r,
+      p=z,
+      rz=vdot(r, z),
+      phi=phi,
+      phi_history=jnp.zeros((max_steps + 1,), dtype).at[0].set(phi),
+      status=jnp.where(done, _RESIDUAL, _MAX_STEPS).astype(jnp.int32),
+      done=done,
+      selected_step=jnp.zeros((), jnp.int32),
+      saved_x=jax.tree.map(lambda leaf: jnp.zeros((num_saved, *leaf.shape), leaf.dtype), b),
+      saved_phi=jnp.full((num_saved,), jnp.inf, dtype),
+      min_curvature=jnp.asarray(jnp.inf, dtype),
+      warm=jnp.zeros((), bool),
+    )
+
+  def restart(ax0: Any) -> _Carry:
+    r"""Start from the warm start, kept only when it improves on zero.
+
+    With ``r = b - A x0``, :math:`\phi(x_0) = -\tfrac12 x_0^\top (b + r)`.
+    """
+    r0 = optax.tree.sub(b, ax0)
+    phi0 = -0.5 * vdot(x0, optax.tree.add(b, r0))
+    keep = phi0 < 0
+    return initial(
+      optax.tree.where(keep, x0, zeros),
+      optax.tree.where(keep, r0, b),
+      jnp.where(keep, phi0, 0.0).astype(dtype),
+    )
+
+  if x0 is None:
+    carry = initial(zeros, b, jnp.zeros((), dtype))
+  else:
+    # The product A x0 is taken by the first trip of the loop (``warm``), so the compiled
+    # program holds the operator once, not twice.
+    x0 = optax.tree.cast_like(x0, b)
+    carry = initial(zeros, b, jnp.zeros((), dtype))._replace(
+      p=x0, done=jnp.zeros((), bool), warm=jnp.ones((), bool)
+    )
 
   def body(c: _Carry) -> _Carry:
     ap = operator(c.p)
+    if x0 is None:
+      new = iteration(c, ap)
+    else:
+      new = jax.lax.cond(c.warm, lambda: restart(ap), lambda: iteration(c, ap))
+    # Scalars are in the widest real dtype; keep narrower leaves (bfloat16 weights) narrow.
+    return jax.tree.map(lambda n, o: n.astype(o.dtype), new, c)
+
+  def iteration(c: _Carry, ap: Any) -> _Carry:
+    """One CG iteration, given the product ``ap = A p``."""
     pap = vdot(c.p, ap)
     rayleigh = pap / vdot(c.p, c.p)
     min_curvature = jnp.where(rayleigh < c.min_curvature, rayleigh, c.min_curvature)
@@ -343,6 +393,7 @@ def conjugate_gradient(
       saved_x=saved_x,
       saved_phi=saved_phi,
       min_curvature=min_curvature,
+      warm=c.warm,
     )
 
   if unroll == 1:

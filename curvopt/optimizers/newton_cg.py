@@ -28,6 +28,7 @@ import optax
 from curvopt import _checks, _nnx
 from curvopt._typing import Params
 from curvopt.curvature import products
+from curvopt.linalg.flat import FlatLayout, flat_layout
 from curvopt.optimizers import curvatures as curvatures_lib
 from curvopt.optimizers import damping as damping_lib
 from curvopt.optimizers import solvers as solvers_lib
@@ -252,6 +253,12 @@ def _module_model_fn(model_fn: Callable[..., Any], module: Any) -> Callable[...,
 
   pure_model_fn.__signature__ = inspect.signature(model_fn)
   return pure_model_fn
+
+
+def _identity_layout(tree: Any) -> FlatLayout:
+  """The layout that keeps pytrees as they are (for a user's solver)."""
+  del tree
+  return FlatLayout(lambda t: t, lambda t: t)
 
 
 def _make_solver(
@@ -481,6 +488,10 @@ def scale_by_newton_cg(
     )
   derived_value_fn = None if model_fn is None else value_fn_from_model(model_fn, loss_fn)
   custom = callable(curvature) or callable(preconditioner) or not isinstance(solver, str)
+  # The built-in solvers run on one vector per dtype (curvopt.linalg.flat), so the retry and
+  # CG loops compile to a few kernels rather than a few per parameter leaf; a user's solver
+  # sees pytrees shaped like the parameters.
+  layout = flat_layout if isinstance(solver, str) else _identity_layout
 
   def init_fn(params: Params) -> NewtonCGState:
     leaves = jax.tree.leaves(params)
@@ -489,7 +500,7 @@ def scale_by_newton_cg(
       count=jnp.zeros((), jnp.int32),
       direction=optax.tree.zeros_like(params),
       damping=jnp.asarray(damping, dtype),
-      solver_state=linear_solver.init(params),
+      solver_state=linear_solver.init(layout(params).pack(params)),
       info=NewtonCGInfo(
         rho=jnp.asarray(jnp.nan, dtype),
         loss=jnp.asarray(jnp.nan, dtype),
@@ -540,13 +551,20 @@ def scale_by_newton_cg(
       diagonal = diagonal_fn(params, curvature_objective, curvature_data)
     else:
       diagonal = None
-    solver_state, work = linear_solver.prepare(matvec, params, state.solver_state, state.count)
+    pack, unpack = layout(updates)
+    tree_matvec, tree_updates = matvec, updates
+    matvec = lambda v: pack(tree_matvec(unpack(v)))
+    updates = pack(tree_updates)
+    diagonal = None if diagonal is None else pack(diagonal)
+    solver_state, work = linear_solver.prepare(
+      matvec, pack(params), state.solver_state, state.count
+    )
 
     g_norm = optax.tree.norm(updates)
     tol = jnp.minimum(0.5, jnp.sqrt(g_norm)) if isinstance(cg_tol, str) else cg_tol
     backtrack_fn = None
     if cg_backtracking and objective is not None:
-      backtrack_fn = lambda d: objective(optax.tree.sub(params, d))
+      backtrack_fn = lambda d: objective(optax.tree.sub(params, unpack(d)))
     if objective is None:
       loss = jnp.asarray(jnp.nan if value is None else value, dtype)
     else:
@@ -573,7 +591,7 @@ def scale_by_newton_cg(
         rho = jnp.asarray(jnp.nan, dtype)
       else:
         safe_d = optax.tree.where(finite, d, optax.tree.zeros_like(d))
-        new_loss = objective(optax.tree.sub(params, safe_d)).astype(dtype)
+        new_loss = objective(optax.tree.sub(params, unpack(safe_d))).astype(dtype)
         finite = finite & jnp.isfinite(loss) & jnp.isfinite(new_loss)
         predicted = jnp.asarray(result.quadratic_value, dtype)
         rho = damping_lib.reduction_ratio(new_loss - loss, predicted)
@@ -616,7 +634,7 @@ def scale_by_newton_cg(
         min_curvature=jnp.asarray(result.min_curvature, dtype),
       )
 
-    x0 = optax.tree.scale(jnp.asarray(warm_start, dtype), state.direction)
+    x0 = pack(optax.tree.scale(jnp.asarray(warm_start, dtype), state.direction))
     x0 = optax.tree.cast_like(x0, updates)
     start = Carry(
       k=jnp.zeros((), jnp.int32),
@@ -643,7 +661,7 @@ def scale_by_newton_cg(
       next_lam = jnp.clip(next_lam, lo, hi).astype(dtype)
     else:
       next_lam = state.damping
-    out = optax.tree.where(c.accept, c.d, optax.tree.zeros_like(updates))
+    out = unpack(optax.tree.where(c.accept, c.d, optax.tree.zeros_like(updates)))
     info = NewtonCGInfo(
       rho=c.rho,
       loss=loss,
