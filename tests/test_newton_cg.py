@@ -647,3 +647,50 @@ def test_flax_nnx_module_model_fn_with_batchnorm_without_split_merge():
   assert int(info.num_failed[...]) == 0 and float(info.rho[...]) > 0
   with pytest.raises(TypeError, match="nnx.Module"):
     newton_cg(model_fn=lambda m, x: m(x), loss_fn=loss_fn, module={"w": 1.0})
+
+
+def test_preconditioner_batch_size_takes_the_first_rows_of_the_curvature_chunk():
+  # Truncated CG (3 steps), so the direction depends on the preconditioner: Martens' diagonal
+  # from rows 16:24 (the first 8 of chunk 16:32) equals a diagonal from an explicit loop there.
+  params, x, y, model_fn, loss_fn = _mlp_problem(5, n=48)
+  value_fn = value_fn_from_model(model_fn, loss_fn)
+  g = jax.grad(value_fn)(params, x=x, y=y)
+
+  def loop_diagonal(params, objective, data):
+    del objective, data
+    grads = [jax.grad(value_fn)(params, x=x[i : i + 1], y=y[i : i + 1]) for i in range(16, 24)]
+    return jax.tree.map(lambda *gs: sum(gi**2 for gi in gs) / len(gs), *grads)
+
+  common = dict(
+    model_fn=model_fn,
+    loss_fn=loss_fn,
+    damping=0.1,
+    adapt_damping=False,
+    accept_ratio=None,
+    cg_max_steps=3,
+    cg_tol=0.0,
+    cg_progress_tol=None,
+    curvature_batch_size=16,
+  )
+  state = lambda tx: tx.init(params)._replace(count=jnp.asarray(1, jnp.int32))
+  ours = scale_by_newton_cg("ggn", preconditioner="martens", preconditioner_batch_size=8, **common)
+  ref = scale_by_newton_cg("ggn", preconditioner=loop_diagonal, **common)
+  whole = scale_by_newton_cg("ggn", preconditioner="martens", **common)
+  d, _ = jax.jit(lambda s: ours.update(g, s, params, x=x, y=y))(state(ours))
+  d_ref, _ = ref.update(g, state(ref), params, x=x, y=y)
+  d_whole, _ = whole.update(g, state(whole), params, x=x, y=y)
+  np.testing.assert_allclose(ravel_pytree(d)[0], ravel_pytree(d_ref)[0], rtol=1e-9)
+  assert not np.allclose(ravel_pytree(d)[0], ravel_pytree(d_whole)[0], rtol=1e-6)
+
+  with pytest.raises(ValueError, match="preconditioner='martens'"):
+    scale_by_newton_cg("ggn", model_fn=model_fn, loss_fn=loss_fn, preconditioner_batch_size=8)
+  tx = scale_by_newton_cg(
+    "ggn",
+    model_fn=model_fn,
+    loss_fn=loss_fn,
+    preconditioner="martens",
+    curvature_batch_size=16,
+    preconditioner_batch_size=32,
+  )
+  with pytest.raises(ValueError, match="preconditioner_batch_size=32 exceeds the 16 examples"):
+    tx.update(g, tx.init(params), params, x=x, y=y)
