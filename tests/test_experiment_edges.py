@@ -120,3 +120,71 @@ def test_a_missing_extra_names_the_install_command():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
   assert out.returncode != 0
   assert "pip install" in out.stderr and "[experiments]" in out.stderr, out.stderr
+
+
+# ------------------------------------------------------------- per-entry batch size, shuffle
+
+
+def _logreg_task():
+  import jax.numpy as jnp
+
+  cfg = _load(_quick())
+  return RUN.TASKS["logreg"]().build(cfg.task, jnp.float64)
+
+
+def test_with_batching_draws_distinct_examples_and_shuffles_the_full_batch():
+  import jax
+  import numpy as np
+
+  task = _logreg_task()
+  x = np.asarray(task.train_data["x"])
+  key = jax.random.key(3)
+  rows = lambda batch: {tuple(r) for r in np.asarray(batch["x"]).round(12)}
+  mini = task.with_batching(16)
+  batch = mini.batch(key, 0)
+  assert batch["x"].shape[0] == 16 and len(rows(batch)) == 16 and rows(batch) <= rows({"x": x})
+  assert rows(mini.batch(key, 1)) != rows(batch)  # a new subset each step
+  shuffled = task.with_batching(None, shuffle=True)
+  s0, s1 = shuffled.batch(key, 0), shuffled.batch(key, 1)
+  assert rows(s0) == rows({"x": x}) and s0["x"].shape == x.shape  # a permutation of all rows
+  assert not np.array_equal(s0["x"], x) and not np.array_equal(s0["x"], s1["x"])
+  np.testing.assert_array_equal(shuffled.batch(key, 0)["x"], s0["x"])  # a function of the step
+  assert task.batch_size is None and not task.shuffle  # the original is unchanged
+  np.testing.assert_array_equal(task.batch(key, 0)["x"], x)
+
+
+def test_an_entry_trains_on_its_own_batch_size():
+  import jax
+  import numpy as np
+
+  task = _logreg_task()
+  cfg = _load(_quick(optimizers=[{"name": "adam", "batch_size": 16}, {"name": "sgd"}]))
+  params = task.init_params(jax.random.key(0))
+  data_key = jax.random.key(1)
+  for opt, expected in zip(cfg.optimizers, (task.with_batching(16), task), strict=True):
+    method = opt_lib.build_method(opt, task, "optimizers[0]")
+    _, _, diagnostics = jax.jit(method.step)(params, method.init(params, None), data_key, 0)
+    loss = task.loss(params, **expected.batch(data_key, 0))
+    np.testing.assert_allclose(diagnostics["loss"], loss, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+  "entry, match",
+  [
+    ({"name": "adam", "batch_size": 0}, r"'optimizers\[0\].batch_size'.*\[1, \d+\]"),
+    ({"name": "adam", "batch_size": 10**6}, r"'optimizers\[0\].batch_size'.*\[1, \d+\]"),
+    ({"name": "adam", "batch_size": "half"}, r"'optimizers\[0\].batch_size'.*null"),
+    ({"name": "dp_sgd", "batch_size": 32}, r"dp_sgd draws Poisson-sampled batches"),
+  ],
+)
+def test_bad_batch_options_are_named(entry, match):
+  cfg = _load(_quick(optimizers=[entry]))
+  with pytest.raises(config_lib.ConfigError, match=match):
+    opt_lib.build_method(cfg.optimizers[0], _logreg_task(), "optimizers[0]")
+
+
+def test_a_task_that_draws_its_own_batches_rejects_an_entry_batch_size():
+  cfg = _load(os.path.join(ROOT, "configs", "maml_sinusoid.yaml"), ["optimizers.0.shuffle=true"])
+  task = RUN.TASKS["maml"]().build(cfg.task, "float32")
+  with pytest.raises(config_lib.ConfigError, match="draws its own batches"):
+    opt_lib.build_method(cfg.optimizers[0], task, "optimizers[0]")

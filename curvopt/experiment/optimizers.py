@@ -36,7 +36,10 @@ class OptimizerConfig:
   """Fields shared by every optimiser entry.
 
   ``steps`` and ``eval_every`` override the experiment's ``budget.steps`` and ``eval_every``
-  for this entry (a second-order method takes fewer, costlier steps).
+  for this entry (a second-order method takes fewer, costlier steps). ``batch_size`` overrides
+  the task's: ``"task"`` (the default) keeps it, ``null`` trains on the full batch, an integer
+  draws that many examples per step; ``shuffle: true`` permutes a full batch at every step
+  (Newton-CG's ``curvature_batch_size`` chunks are then fresh random samples).
   """
 
   name: str = "?"
@@ -44,6 +47,8 @@ class OptimizerConfig:
   variant: str | None = None
   steps: int | None = None
   eval_every: int | None = None
+  batch_size: Any = "task"
+  shuffle: bool = False
 
 
 _SIMPLE = (bool, int, float, str)
@@ -272,6 +277,12 @@ def build_method(cfg: Any, task: Any, path: str) -> Method:
   :class:`ConfigError` naming ``path``, before any training starts.
   """
   task.check_variant(f"{path}.variant", cfg.variant)
+  if cfg.batch_size != "task" or cfg.shuffle:
+    batch_size = task.batch_size if cfg.batch_size == "task" else cfg.batch_size
+    try:
+      task = task.with_batching(batch_size, cfg.shuffle)
+    except ValueError as err:
+      raise ConfigError(f"config key '{path}.batch_size': {err}") from None
   try:
     return OPTIMIZERS[cfg.name].build(cfg, task, path)
   except ConfigError:
@@ -399,6 +410,11 @@ def _build_dp_sgd(cfg: Any, task: Any, path: str) -> Method:
   """DP-SGD with Poisson sampling, per-example gradients, and ε reported at each evaluation."""
   from curvopt import dp_sgd, per_example_grads, privacy
 
+  if cfg.batch_size != "task" or cfg.shuffle:
+    raise ConfigError(
+      f"config key '{path}.batch_size': dp_sgd draws Poisson-sampled batches of "
+      "expected_batch_size examples; drop batch_size and shuffle from this entry."
+    )
   n = task.num_train()
   if cfg.expected_batch_size is None or not 0 < cfg.expected_batch_size <= n:
     raise ConfigError(

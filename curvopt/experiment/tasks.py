@@ -33,6 +33,8 @@ class Task:
       default objective).
     train_data: dict of arrays with a leading example axis (used by mini-batching and DP-SGD).
     batch_size: mini-batch size; ``None`` for full batch.
+    shuffle: with ``batch_size=None``, permute the full batch at every step (so that a
+      Newton-CG curvature chunk, rows ``[j s, (j + 1) s)``, is a fresh random sample).
     summary_metrics: further :meth:`evaluate` (or host) metrics shown in the summary table.
     mesh: the data-parallel device mesh (set by the runner from the config's ``mesh:``
       section); ``None`` on one device.
@@ -44,6 +46,7 @@ class Task:
   summary_metrics: tuple[str, ...] = ()
   variants: tuple[str, ...] = ()
   batch_size: int | None = None
+  shuffle: bool = False
 
   def __init__(self, cfg: Any, dtype: Any):
     self.cfg = cfg
@@ -63,6 +66,31 @@ class Task:
     placed.mesh, placed.data_axis = mesh, data_axis
     placed.train_data = sharding.replicate(self.train_data, mesh)
     return placed
+
+  def with_batching(self, batch_size: int | None, shuffle: bool = False) -> "Task":
+    """A copy of this task whose steps draw ``batch_size`` examples (``None``: all of them).
+
+    What an optimiser entry's ``batch_size``/``shuffle`` keys set: Adam on mini-batches beside
+    a full-batch Newton-CG in one config. ``self`` is left unchanged.
+
+    Raises:
+      ValueError: for a task that draws its own batches (overrides :meth:`batch`), or a
+        ``batch_size`` outside ``[1, num_train()]``.
+    """
+    if type(self).batch is not Task.batch:
+      raise ValueError(
+        f"task {type(self).__name__} draws its own batches, so an optimiser entry cannot set "
+        "batch_size or shuffle; drop them (or set the task's own batch options)."
+      )
+    n = self.num_train()
+    if batch_size is not None and not (isinstance(batch_size, int) and 1 <= batch_size <= n):
+      raise ValueError(
+        f"batch_size must be 'task', null (the full batch) or an integer in [1, {n}] (the "
+        f"training set size); got {batch_size!r}."
+      )
+    batched = copy.copy(self)
+    batched.batch_size, batched.shuffle = batch_size, bool(shuffle)
+    return batched
 
   # ---- to override ----
   def init_params(self, key: jax.Array) -> Params:
@@ -85,11 +113,18 @@ class Task:
     return int(jax.tree.leaves(self.train_data)[0].shape[0])
 
   def batch(self, data_key: jax.Array, step: jax.Array) -> Batch:
-    """Data for ``step``: the full training set, or a mini-batch drawn without replacement."""
-    if self.batch_size is None:
+    """Data for ``step``: the full training set (permuted if ``shuffle``), or a mini-batch
+    drawn without replacement."""
+    if self.batch_size is None and not self.shuffle:
       return self.train_data
-    n = self.num_train()
-    idx = jax.random.permutation(jax.random.fold_in(data_key, step), n)[: self.batch_size]
+    # The indices of the largest of n i.i.d. uniforms: a uniformly random subset in random
+    # order. top_k costs a seventh of jax.random.permutation's sorts on CPU (0.3 against 2 ms
+    # for 128 of 1797 examples, more than an MLP's Adam step); a full shuffle is one argsort.
+    u = jax.random.uniform(jax.random.fold_in(data_key, step), (self.num_train(),))
+    if self.batch_size is None:
+      idx = jnp.argsort(u)
+    else:
+      idx = jax.lax.top_k(u, self.batch_size)[1]
     return jax.tree.map(lambda a: a[idx], self.train_data)
 
   def data_devices(self) -> int:
