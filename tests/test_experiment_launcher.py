@@ -130,6 +130,7 @@ SMOKE_OVERRIDES = {
     "task.cg_steps=2",
   ],
   "autoencoder_digits.yaml": ["task.encoder=[64, 8, 2]"],
+  "autoencoder_tuned.yaml": ["task.encoder=[64, 8, 2]"],
   "cnn_digits.yaml": ["task.channels=[2, 2]", "task.batch_size=64"],
   "mlp_digits.yaml": ["task.hidden=[8]"],
   "td0_random_walk.yaml": ["task.hidden=[4]", "task.num_episodes=10"],
