@@ -4,6 +4,7 @@ import warnings
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -516,6 +517,24 @@ def test_tied_embedding_and_output_projection_needs_no_fallback(form):
   tokens = jax.random.randint(k[2], (5, seq), 0, vocab).at[0, :3].set(2)  # repeated ids
   batch = {"tokens": tokens, "targets": jax.random.randint(k[3], (5, seq), 0, vocab)}
   _check(loss_fn, params, batch, rtol=1e-9)
+  if form != "one_hot_matmul":
+    # The lookup's one-hot rows enter through id equalities and gathers: no (B, T, vocab)
+    # one-hot is formed (the logits' own cotangent is the only vocabulary-wide factor).
+    ones = lambda s: jax.tree.map(jnp.ones_like, s)
+    jaxpr = jax.make_jaxpr(lambda p, b: ghost_clipped_sum(loss_fn, p, b, ones))(params, batch)
+    shapes = _eqn_output_shapes(jaxpr.jaxpr, "eq")
+    assert (5, seq, vocab) not in shapes and (5, seq, seq) in shapes, shapes
+
+
+def _eqn_output_shapes(jaxpr, primitive):
+  """Output shapes of every ``primitive`` equation in a jaxpr and its sub-jaxprs."""
+  shapes = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == primitive:
+      shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      shapes |= _eqn_output_shapes(sub, primitive)
+  return shapes
 
 
 def test_gpt_block_with_positions_and_tied_embedding_needs_no_fallback():

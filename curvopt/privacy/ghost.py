@@ -259,9 +259,56 @@ def _reused_sq_norm(leaf_sites, data, deltas):
     factors = [_dot_factors(site, data[site.key], deltas[site.key]) for site in leaf_sites]
   else:
     factors = [_matrix_factors(site, data[site.key], deltas[site.key]) for site in leaf_sites]
+  if any(isinstance(f, _OneHot) for pair in factors for f in pair):
+    return _blockwise_gram_sq_norm(factors)
   a = jnp.concatenate([_at_least_f32(a) for a, _ in factors], axis=2)
   d = jnp.concatenate([_at_least_f32(d) for _, d in factors], axis=2)
   return _product_sq_norm(a, d, stacked=True)
+
+
+class _OneHot:
+  """The one-hot rows of a lookup's indices, ``(B, N, rows)``, never materialised.
+
+  Attributes:
+    ids: ``(B, N)`` row indices (clipped into range).
+    valid: ``(B, N)`` whether each index reads a row (out-of-range ``FILL_OR_DROP`` reads none).
+  """
+
+  def __init__(self, ids: jax.Array, valid: jax.Array):
+    self.ids, self.valid = ids, valid
+
+
+def _block_gram(u: Any, v: Any) -> jax.Array:
+  r"""``u vᵀ`` per example, ``(B, N_u, N_v)``, for dense ``(B, 1, N, K)`` or one-hot factors.
+
+  Two lookups give the id-equality matrix :math:`[\mathrm{id}_t = \mathrm{id}_s]`; a lookup
+  against a dense factor :math:`M` gives :math:`M_{s, \mathrm{id}_t}` (a gather); only two dense
+  factors cost a product over the :math:`K` (vocabulary) axis.
+  """
+  if isinstance(u, _OneHot) and isinstance(v, _OneHot):
+    same = u.ids[:, :, None] == v.ids[:, None, :]
+    return (same & u.valid[:, :, None] & v.valid[:, None, :]).astype(jnp.float32)
+  if isinstance(u, _OneHot):
+    return jnp.swapaxes(_block_gram(v, u), 1, 2)
+  if isinstance(v, _OneHot):
+    dense = _at_least_f32(u[:, 0])  # (B, N_u, K)
+    picked = jax.vmap(lambda m, ids: m[:, ids])(dense, v.ids)  # (B, N_u, N_v)
+    return jnp.where(v.valid[:, None, :], picked, 0)
+  u, v = _at_least_f32(u[:, 0]), _at_least_f32(v[:, 0])
+  return jnp.einsum("bnk,bmk->bnm", u, v)
+
+
+def _blockwise_gram_sq_norm(factors: list[tuple[Any, Any]]) -> jax.Array:
+  r""":math:`\sum_{s,t} \langle a_s a_t^\top, \delta_s \delta_t^\top \rangle` block by block.
+
+  The Gram form of :func:`_reused_sq_norm` for a leaf read by a lookup (a tied embedding and
+  output projection): the lookup's one-hot factor enters only through index equalities and
+  gathers, so no ``(N, vocabulary)`` one-hot matrix is formed.
+  """
+  sq = 0.0
+  for (a_s, d_s), (a_t, d_t) in itertools.product(factors, repeat=2):
+    sq = sq + jnp.sum(_block_gram(a_s, a_t) * _block_gram(d_s, d_t), axis=(1, 2))
+  return sq
 
 
 def _matrix_factors(site, data, delta):
@@ -270,7 +317,8 @@ def _matrix_factors(site, data, delta):
 
   A dense product gives its data and cotangent factors, swapped when the parameter operand's
   contracting axis is the leaf's column axis (``h @ E.T``); a row lookup gives the one-hot rows
-  of its indices and its cotangent rows (swapped if the table is the transposed leaf).
+  of its indices (a lazy :class:`_OneHot`) and its cotangent rows (swapped if the table is the
+  transposed leaf).
   """
   axes = _ghost_jaxpr.leaf_axes(site)
   if site.kind == "dot":
@@ -286,9 +334,9 @@ def _matrix_factors(site, data, delta):
   if "FILL_OR_DROP" in str(site.eqn.params["mode"]):
     valid = (ids >= 0) & (ids < table_rows)
   else:
-    ids, valid = jnp.clip(ids, 0, table_rows - 1), jnp.ones(ids.shape, bool)
-  one_hot = jax.nn.one_hot(ids, table_rows, dtype=d.dtype) * valid[..., None]
-  a, d = one_hot[:, None], jnp.where(valid[..., None], d, 0)[:, None]
+    valid = jnp.ones(ids.shape, bool)
+  a = _OneHot(jnp.clip(ids, 0, table_rows - 1), valid)
+  d = jnp.where(valid[..., None], d, 0)[:, None]
   return (a, d) if axes[0] == 0 else (d, a)
 
 
