@@ -131,6 +131,20 @@ SMOKE_OVERRIDES = {
   ],
   "autoencoder_digits.yaml": ["task.encoder=[64, 8, 2]"],
   "autoencoder_tuned.yaml": ["task.encoder=[64, 8, 2]"],
+  # PINNs: every optimiser and solver still runs, on a small network and point set (the dense
+  # Gauss-Newton solve's matrix grows with the parameters, its products with the points).
+  **{
+    f"pinn_{problem}.yaml": [
+      "task.hidden=[8]",
+      "task.num_interior=64",
+      "task.num_boundary=16",
+      "task.eval_factor=2",
+      "task.plot_grid=9",
+      "optimizers.1.nystrom_rank=8",
+      *(["task.num_initial=16"] if problem == "heat" else []),
+    ]
+    for problem in ("poisson2d", "heat", "poisson5d")
+  },
   "cnn_digits.yaml": ["task.channels=[2, 2]", "task.batch_size=64"],
   "mlp_digits.yaml": ["task.hidden=[8]"],
   "td0_random_walk.yaml": ["task.hidden=[4]", "task.num_episodes=10"],
