@@ -1,6 +1,6 @@
 """Per-example clipped gradient vs a plain mini-batch gradient: time and peak-memory ratios.
 
-    python benchmarks/per_example.py [--quick] [--only {tables,guard,transformer}]
+    python benchmarks/per_example.py [--quick] [--only {tables,guard,ghost}]
 
 Models: an MLP 784-256-256-10 (ReLU) and a small CNN (two 3x3 convolutions, 8 and 16
 channels, on 28x28x1 inputs, then a dense layer to 10), softmax cross-entropy, float32.
@@ -11,6 +11,9 @@ Columns, each as a ratio to ``jax.grad`` of the batch-mean loss measured in the 
 - ``loop``: a Python loop over examples of a jitted one-example gradient, clipped and summed
   on the host side of the loop (the naive reference);
 - ``ghost``: ``clipped_grad(method="ghost")``, included whenever it works.
+
+``--only ghost`` times ghost and vmap against the plain gradient on the MLP, the CNN and a
+transformer block (seq 128, d 256, 4 heads) at B = 32 and 256, with peak memory (issue 16).
 
 ``--only guard`` measures the non-finite guard (issue 17) when every example is finite: the
 step time and the compile time of ``clipped_sum_fn`` as shipped against the same method pass
@@ -212,33 +215,64 @@ def transformer_loss(params, example, heads=4):
   return -jax.nn.log_softmax(logits)[example["y"]]
 
 
-def transformer_table(repeats, sizes=(32, 256), seq=128, d=256):
-  """Ghost and vmap against a plain gradient on a transformer block (issue 16's row)."""
-  params = transformer_params(jax.random.key(0), d)
+def _transformer_batch(key, size, seq=128, d=256):
+  kx, ky = jax.random.split(key)
+  return {
+    "x": jax.random.normal(kx, (size, seq, d), jnp.float32),
+    "y": jax.random.randint(ky, (size,), 0, 10),
+  }
+
+
+def ghost_table(repeats, sizes=(32, 256), models=("mlp", "cnn", "transformer")):
+  """Ghost and vmap against a plain gradient, time and peak memory, per model and batch size.
+
+  The rows of issue 16's table: the MLP, the CNN and a transformer block (seq 128, d 256,
+  4 heads) at each batch size, the three candidates timed in shuffled interleaved rounds.
+  """
+  key = jax.random.key(0)
+  builders = {
+    "mlp": ("MLP 784-256-256-10", mlp_loss, mlp_params(key), make_batch),
+    "cnn": ("CNN conv8-conv16-dense", cnn_loss, cnn_params(key), make_batch),
+    "transformer": (
+      "Transformer block (seq 128, d 256, 4 heads)",
+      transformer_loss,
+      transformer_params(key),
+      _transformer_batch,
+    ),
+  }
   rows = []
-  for size in sizes:
-    kx, ky = jax.random.split(jax.random.key(size))
-    batch = {
-      "x": jax.random.normal(kx, (size, seq, d), jnp.float32),
-      "y": jax.random.randint(ky, (size,), 0, 10),
-    }
-    plain = jax.jit(plain_grad_fn(transformer_loss))
-    fns = {"plain": lambda plain=plain, batch=batch: plain(params, batch)}
-    mems = {"plain": peak_bytes(plain_grad_fn(transformer_loss), params, batch)}
-    for method in ("vmap", "ghost"):
-      fn = clipped_grad(transformer_loss, CLIP, method=method)
-      jitted = jax.jit(fn)
-      fns[method] = lambda jitted=jitted, batch=batch: jitted(params, batch)
-      mems[method] = peak_bytes(fn, params, batch)
-    times = interleaved_median_seconds(fns, repeats=repeats, min_seconds=0.0)
-    rows.append(
-      [f"B={size}", f"{1e3 * times['plain']:.4g} ms", f"{mems['plain'] / 2**20:.4g} MiB"]
-      + [times[m] / times["plain"] for m in ("vmap", "ghost")]
-      + [mems[m] / mems["plain"] for m in ("vmap", "ghost")]
-    )
+  for model in models:
+    name, loss_fn, params, batch_fn = builders[model]
+    for size in sizes:
+      batch = batch_fn(jax.random.key(size), size)
+      plain = jax.jit(plain_grad_fn(loss_fn))
+      fns = {"plain": lambda plain=plain, batch=batch: plain(params, batch)}
+      mems = {"plain": peak_bytes(plain_grad_fn(loss_fn), params, batch)}
+      for method in ("vmap", "ghost"):
+        fn = clipped_grad(loss_fn, CLIP, method=method)
+        jitted = jax.jit(fn)
+        fns[method] = lambda jitted=jitted, batch=batch: jitted(params, batch)
+        mems[method] = peak_bytes(fn, params, batch)
+      times = interleaved_median_seconds(fns, repeats=repeats, min_seconds=0.0)
+      rows.append(
+        [name, size, f"{1e3 * times['plain']:.4g} ms", f"{mems['plain'] / 2**20:.4g} MiB"]
+        + [times[m] / times["plain"] for m in ("vmap", "ghost")]
+        + [mems[m] / mems["plain"] for m in ("vmap", "ghost")]
+        + ["<= 1.5x"]
+      )
   print_table(
-    f"Transformer block (seq {seq}, d {d}, 4 heads), ratios to a plain mini-batch gradient",
-    ["batch", "plain time", "plain memory", "vmap time", "ghost time", "vmap mem", "ghost mem"],
+    "Ghost clipping against a plain mini-batch gradient (ratios; goal: ghost time <= 1.5x)",
+    [
+      "model",
+      "batch",
+      "plain time",
+      "plain memory",
+      "vmap time",
+      "ghost time",
+      "vmap mem",
+      "ghost mem",
+      "goal",
+    ],
     rows,
   )
 
@@ -297,7 +331,7 @@ _GUARDED = clipping.guarded_pass
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="fewer repeats")
-  parser.add_argument("--only", choices=["tables", "guard", "transformer"], default=None)
+  parser.add_argument("--only", choices=["tables", "guard", "ghost"], default=None)
   args = parser.parse_args()
   repeats = 3 if args.quick else 7
   key = jax.random.key(0)
@@ -306,9 +340,9 @@ def main():
   )
   if args.only in (None, "guard"):
     guard_cost(repeats)
-  if args.only in (None, "transformer"):
-    transformer_table(repeats)
-  if args.only in ("guard", "transformer"):
+  if args.only in (None, "ghost"):
+    ghost_table(repeats)
+  if args.only in ("guard", "ghost"):
     return
 
   columns = ["vmap", "chunked", "loop", "ghost"]
