@@ -3,7 +3,10 @@
 * :func:`mlp_params` / :func:`mlp_apply`: a small tanh MLP over a pytree of parameters;
 * :func:`regression_problem`: that MLP on a smooth regression target, with the model/loss
   split Newton-CG's Gauss-Newton curvature needs;
-* :func:`assert_tree_close`: leaf-by-leaf ``assert_allclose`` of two pytrees.
+* :func:`assert_tree_close`: leaf-by-leaf ``assert_allclose`` of two pytrees;
+* :func:`spd` / :func:`with_spectrum`: dense symmetric matrices with known spectra (the tests
+  of curvopt.linalg);
+* :func:`split` / :func:`join`: a flat vector of size 12 as a two-leaf pytree and back.
 """
 
 from collections.abc import Callable, Sequence
@@ -76,3 +79,26 @@ def regression_problem(
   y = y + 0.1 * jax.random.normal(k_noise, y.shape, dtype)
   loss_fn = lambda z, y: 0.5 * jnp.mean(jnp.sum((z - y) ** 2, axis=-1))
   return Regression(params, x, y, mlp_apply, loss_fn)
+
+
+def spd(n: int, cond: float, seed: int, dtype: Any = np.float64) -> np.ndarray:
+  """A random symmetric positive-definite matrix with eigenvalues ``geomspace(1, cond, n)``."""
+  return with_spectrum(np.geomspace(1.0, cond, n), seed, dtype)
+
+
+def with_spectrum(eigenvalues: Any, seed: int, dtype: Any = np.float64) -> np.ndarray:
+  """``Q diag(eigenvalues) Qᵀ`` for a random orthogonal ``Q``."""
+  eigenvalues = np.asarray(eigenvalues, np.float64)
+  rng = np.random.default_rng(seed)
+  q, _ = np.linalg.qr(rng.normal(size=(eigenvalues.size, eigenvalues.size)))
+  return ((q * eigenvalues) @ q.T).astype(dtype)
+
+
+def split(v: jax.Array) -> dict:
+  """A flat vector of size 12 as a two-leaf pytree (tests pytree-native code)."""
+  return {"w": v[:8].reshape(2, 4), "b": v[8:]}
+
+
+def join(tree: dict) -> jax.Array:
+  """Inverse of :func:`split`."""
+  return jnp.concatenate([tree["w"].ravel(), tree["b"]])
