@@ -9,6 +9,7 @@
 * :func:`split` / :func:`join`: a flat vector of size 12 as a two-leaf pytree and back.
 """
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -38,7 +39,7 @@ def mlp_params(key: Any, sizes: Sequence[int], dtype: Any = jnp.float64) -> list
     kw, kb = jax.random.split(k)
     params.append(
       {
-        "w": jax.random.normal(kw, (m, n), dtype) / np.sqrt(m),
+        "w": jax.random.normal(kw, (m, n), dtype) / math.sqrt(m),  # a Python float keeps dtype
         "b": 0.1 * jax.random.normal(kb, (n,), dtype),
       }
     )
