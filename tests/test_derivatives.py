@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_tree_close, mlp_apply, mlp_params
 
 from curvopt.autodiff.derivatives import (
   batch_hessian,
@@ -17,13 +18,6 @@ from curvopt.autodiff.derivatives import (
   jmp,
   mjp,
 )
-
-
-def _tree_close(actual, expected, rtol=1e-10):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  jax.tree.map(
-    lambda a, e: np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol), actual, expected
-  )
 
 
 def _pytree_fn(x):
@@ -45,7 +39,7 @@ def test_jacobian_matches_jacrev_on_pytrees(dtype, mode, use_jit):
     jac_fn = jax.jit(jac_fn)
   actual = jac_fn(_pytree_input(dtype))
   expected = jax.jacrev(_pytree_fn)(_pytree_input(jnp.float64))
-  _tree_close(actual, jax.tree.map(lambda e: e.astype(dtype), expected), 1e-5)
+  assert_tree_close(actual, jax.tree.map(lambda e: e.astype(dtype), expected), rtol=1e-5, atol=1e-5)
   assert all(leaf.dtype == dtype for leaf in jax.tree.leaves(actual))
 
 
@@ -57,7 +51,7 @@ def test_jacobian_argnums_tuple_and_aux(mode):
   x, y = jnp.array([1.0, 2.0]), jnp.array([0.5, -1.0, 3.0])
   (jx, jy), aux = jacobian(f, argnums=(0, 1), mode=mode, has_aux=True)(x, y, 2.0)
   (ex, ey), _ = jax.jacrev(f, argnums=(0, 1), has_aux=True)(x, y, 2.0)
-  _tree_close((jx, jy), (ex, ey))
+  assert_tree_close((jx, jy), (ex, ey), atol=1e-10)
   assert float(aux["norm"]) == 5.0
 
 
@@ -91,37 +85,24 @@ def test_hessian_modes_match_jax_hessian(mode, dtype):
   x = _pytree_input(dtype)
   expected = jax.hessian(f)(_pytree_input(jnp.float64))
   actual = jax.jit(hessian(f, mode=mode))(x)
-  _tree_close(actual, jax.tree.map(lambda e: e.astype(dtype), expected), 1e-5)
+  assert_tree_close(actual, jax.tree.map(lambda e: e.astype(dtype), expected), rtol=1e-5, atol=1e-5)
 
 
 def test_hessian_argnums_tuple():
   f = lambda x, y: jnp.sum(x**2 * y) + jnp.sum(y**3)
   x, y = jnp.array([1.0, 2.0]), jnp.array([3.0, -1.0])
   for mode in ("fwd_rev", "rev_rev", "fwd_fwd", "rev_fwd"):
-    _tree_close(hessian(f, (0, 1), mode=mode)(x, y), jax.hessian(f, (0, 1))(x, y))
+    assert_tree_close(hessian(f, (0, 1), mode=mode)(x, y), jax.hessian(f, (0, 1))(x, y), atol=1e-10)
   with pytest.raises(ValueError, match="Unknown mode"):
     hessian(f, mode="fwd")
-
-
-def _mlp(params, x):
-  h = jnp.tanh(x @ params[0])
-  return jnp.sin(h @ params[1])
-
-
-def _mlp_params(n_in, n_hidden, n_out):
-  k1, k2 = jax.random.split(jax.random.key(0))
-  return (
-    jax.random.normal(k1, (n_in, n_hidden), jnp.float64) / np.sqrt(n_in),
-    jax.random.normal(k2, (n_hidden, n_out), jnp.float64) / np.sqrt(n_hidden),
-  )
 
 
 @pytest.mark.parametrize("mode", ["auto", "fwd", "rev"])
 @pytest.mark.parametrize(("n_in", "n_out"), [(5, 3), (3, 7)])
 def test_batch_jacobian_matches_per_row_loop(mode, n_in, n_out):
-  params = _mlp_params(n_in, 6, n_out)
+  params = mlp_params(0, (n_in, 6, n_out))
   x = jax.random.normal(jax.random.key(1), (4, n_in), jnp.float64)
-  f = lambda x: _mlp(params, x)
+  f = lambda x: mlp_apply(params, x)
   actual = jax.jit(lambda x: batch_jacobian(f, x, mode=mode))(x)
   assert actual.shape == (4, n_out, n_in)
   for b in range(4):
@@ -146,9 +127,9 @@ def test_batch_jacobian_errors():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_batch_hessian_matches_per_row_hessian(dtype):
-  params = _mlp_params(3, 5, 1)
+  params = mlp_params(0, (3, 5, 1))
   x = jax.random.normal(jax.random.key(3), (4, 3), jnp.float64)
-  f = lambda x: _mlp(jax.tree.map(lambda p: p.astype(x.dtype), params), x)[:, 0]
+  f = lambda x: mlp_apply(jax.tree.map(lambda p: p.astype(x.dtype), params), x)[:, 0]
   actual = jax.jit(lambda x: batch_hessian(f, x))(x.astype(dtype))
   assert actual.shape == (4, 3, 3) and actual.dtype == dtype
   for b in range(4):
@@ -260,12 +241,7 @@ def _ntk_reference(apply_fn, params, x1, x2):
 @pytest.mark.parametrize("method", ["auto", "jacobian_contraction", "ntk_vector_products"])
 @pytest.mark.parametrize("n_out", [1, 3])
 def test_empirical_ntk_matches_pairwise_loop(method, n_out):
-  params = {
-    "w1": _mlp_params(4, 5, n_out)[0],
-    "w2": _mlp_params(4, 5, n_out)[1],
-    "b": jnp.ones(n_out),
-  }
-  apply_fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"] + p["b"]
+  params, apply_fn = mlp_params(0, (4, 5, n_out)), mlp_apply
   x1 = jax.random.normal(jax.random.key(11), (3, 4), jnp.float64)
   x2 = jax.random.normal(jax.random.key(12), (2, 4), jnp.float64)
   actual = jax.jit(lambda p, a, b: empirical_ntk(apply_fn, p, a, b, method=method))(params, x1, x2)

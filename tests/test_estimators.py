@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import regression_problem, with_spectrum
 from jax.flatten_util import ravel_pytree
 
 from curvopt.curvature.estimators import (
@@ -21,13 +22,6 @@ from curvopt.curvature.estimators import (
 from curvopt.curvature.products import hvp_fn
 
 NUM_SIGMA = 4.0  # tolerance, in standard deviations, of every statistical check
-
-
-def sym_matrix(eigenvalues, seed=0):
-  """A dense symmetric matrix with the given eigenvalues and random (Haar) eigenvectors."""
-  eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
-  q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(eigenvalues.size,) * 2))
-  return (q * eigenvalues) @ q.T
 
 
 def random_sym(n, seed=0):
@@ -114,7 +108,7 @@ def test_hutchpp_exact_for_low_rank():
 def test_hutchpp_unbiased_and_lower_variance_than_hutchinson():
   dtype = jnp.float32
   n, m, reps = 60, 30, 300
-  a = sym_matrix(1.0 / np.arange(1, n + 1) ** 2, seed=1)  # fast-decaying PSD spectrum
+  a = with_spectrum(1.0 / np.arange(1, n + 1) ** 2, 1)  # fast-decaying PSD spectrum
   like = jnp.zeros(n, dtype)
   matvec = dense_matvec(a, dtype)
   keys = jax.random.split(jax.random.key(5), reps)
@@ -213,7 +207,7 @@ def test_lanczos_without_reorthogonalization_matches_early_steps():
 
 def test_lanczos_breakdown_restarts_without_nan():
   # Three distinct eigenvalues: the Krylov space is invariant after three steps.
-  a = sym_matrix([1.0] * 4 + [2.0] * 3 + [5.0] * 3, seed=2)
+  a = with_spectrum([1.0] * 4 + [2.0] * 3 + [5.0] * 3, 2)
   matvec = dense_matvec(a, jnp.float64)
   res = lanczos(matvec, jnp.zeros(10), jax.random.key(0), num_iters=10, return_basis=True)
   assert np.all(np.isfinite(res.alphas)) and np.all(np.isfinite(res.betas))
@@ -246,7 +240,7 @@ def test_lanczos_pytree_basis_has_like_structure():
 def test_top_eigenvalues_spd_condition_1e3(dtype, use_jit):
   n, k = 200, 5
   eigenvalues = np.geomspace(1.0, 1e3, n)
-  a = sym_matrix(eigenvalues, seed=3)
+  a = with_spectrum(eigenvalues, 3)
   assert np.isclose(np.linalg.cond(a), 1e3)
   fn = maybe_jit(
     lambda key: top_eigenvalues(
@@ -268,7 +262,7 @@ def test_top_eigenvalues_spd_condition_1e3(dtype, use_jit):
 
 def test_top_eigenvalues_largest_magnitude_indefinite():
   eigenvalues = np.concatenate([[-9.0, -7.0], np.linspace(-3, 3, 40), [8.0]])
-  a = sym_matrix(eigenvalues, seed=5)
+  a = with_spectrum(eigenvalues, 5)
   res = top_eigenvalues(
     dense_matvec(a, jnp.float64), jnp.zeros(43), jax.random.key(1), k=3, num_iters=30
   )
@@ -277,7 +271,7 @@ def test_top_eigenvalues_largest_magnitude_indefinite():
 
 
 def test_top_eigenvalues_reports_non_convergence():
-  a = sym_matrix(np.linspace(1.0, 2.0, 100), seed=6)  # clustered: 3 steps cannot resolve it
+  a = with_spectrum(np.linspace(1.0, 2.0, 100), 6)  # clustered: 3 steps cannot resolve it
   res = top_eigenvalues(
     dense_matvec(a, jnp.float64), jnp.zeros(100), jax.random.key(0), k=2, num_iters=3
   )
@@ -323,7 +317,7 @@ def test_spectral_density_normalised_and_mean_is_trace_over_n(dtype, use_jit):
 def test_spectral_density_cluster_masses():
   # 30% of eigenvalues at 1, 70% at 10: the mass near each cluster is the cluster's share.
   # Per run the mass at 1 is Beta(3, 7)-distributed (sd 0.138).
-  a = sym_matrix([1.0] * 6 + [10.0] * 14, seed=4)
+  a = with_spectrum([1.0] * 6 + [10.0] * 14, 4)
   num_runs = 50
   grid, density = jax.jit(
     lambda key: spectral_density(
@@ -364,28 +358,17 @@ def test_spectral_density_default_sigma_scales_with_spectrum():
 # On a real pytree Hessian from hvp_fn, against dense jax.hessian.
 
 
-def mlp_loss(params):
-  x = jnp.linspace(-1.0, 1.0, 24, dtype=jnp.float64).reshape(8, 3)
-  y = jnp.sin(3 * x).sum(axis=1, keepdims=True)
-  h = jnp.tanh(x @ params["w1"] + params["b1"])
-  return 0.5 * jnp.mean((h @ params["w2"] - y) ** 2)
-
-
 @pytest.fixture(scope="module")
 def mlp_hessian():
-  rng = np.random.default_rng(0)
-  params = {
-    "w1": jnp.asarray(rng.normal(size=(3, 5))),
-    "b1": jnp.asarray(rng.normal(size=5)),
-    "w2": jnp.asarray(rng.normal(size=(5, 1))),
-  }
-  flat, unravel = ravel_pytree(params)
-  dense = np.asarray(jax.jit(jax.hessian(lambda f: mlp_loss(unravel(f))))(flat))
-  return params, unravel, dense
+  problem = regression_problem(0, n=8, sizes=(3, 5, 1))
+  flat, unravel = ravel_pytree(problem.params)
+  dense = np.asarray(jax.jit(jax.hessian(lambda f: problem.value_fn(unravel(f))))(flat))
+  return problem, dense
 
 
 def test_estimators_on_pytree_hessian(mlp_hessian):
-  params, unravel, h = mlp_hessian
+  problem, h = mlp_hessian
+  params, mlp_loss = problem.params, problem.value_fn
   n = h.shape[0]
   matvec = hvp_fn(mlp_loss, params)
   key = jax.random.key(0)
@@ -400,7 +383,7 @@ def test_estimators_on_pytree_hessian(mlp_hessian):
   w = w[np.argsort(-np.abs(w))][:3]
   np.testing.assert_allclose(res.eigenvalues, w, rtol=1e-8)
   assert jax.tree.structure(res.eigenvectors) == jax.tree.structure(params)
-  assert res.eigenvectors["w1"].shape == (3, 3, 5)
+  assert res.eigenvectors[0]["w"].shape == (3, 3, 5)
   y = ravel_pytree(jax.tree.map(lambda leaf: leaf[0], res.eigenvectors))[0]
   np.testing.assert_allclose(h @ y, w[0] * y, atol=1e-8)
 
@@ -488,7 +471,7 @@ def test_integer_like_raises():
 
 
 def test_vmap_over_keys():
-  a = sym_matrix(np.linspace(1.0, 4.0, 8), seed=1)
+  a = with_spectrum(np.linspace(1.0, 4.0, 8), 1)
   keys = jax.random.split(jax.random.key(0), 3)
   sd = jax.jit(
     jax.vmap(

@@ -5,8 +5,8 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from linalg_problems import join, split
-from linalg_problems import spd as _spd
+from helpers import join, split
+from helpers import spd as _spd
 
 from curvopt.linalg.cg import CG_STATUSES, conjugate_gradient
 from curvopt.linalg.status import SolverStatus

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import join, spd, split, with_spectrum
 from jax.flatten_util import ravel_pytree
-from linalg_problems import join, spd, split, with_spectrum
 
 from curvopt.linalg.dense import dense_matrix, dense_solve
 from curvopt.linalg.solve import SOLVE_FNS, get_solve_fn

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from linalg_problems import join, split, with_spectrum
+from helpers import join, split, with_spectrum
 
 from curvopt.linalg.cg import conjugate_gradient
 from curvopt.linalg.nystrom import (

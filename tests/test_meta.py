@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import assert_tree_close, mlp_apply, mlp_params
 
 from curvopt.linalg.status import SolverStatus
 from curvopt.recipes.meta import MamlAux, maml_loss
@@ -21,23 +22,12 @@ def _quadratic_loss(w, batch):
   return 0.5 * jnp.mean((X @ w - y) ** 2)
 
 
+SIZES = (4, 5, 1)  # helpers.mlp_params: the tasks' 4 features, 5 tanh units, a scalar output
+
+
 def _mlp_loss(params, batch):
   X, y = batch
-  h = jnp.tanh(X @ params["w1"] + params["b1"])
-  return jnp.mean((h @ params["w2"] - y) ** 2)
-
-
-def _mlp_params(rng, d=4, hidden=5, dtype=jnp.float64):
-  return {
-    "w1": jnp.asarray(0.5 * rng.normal(size=(d, hidden)), dtype),
-    "b1": jnp.asarray(0.1 * rng.normal(size=hidden), dtype),
-    "w2": jnp.asarray(0.5 * rng.normal(size=hidden), dtype),
-  }
-
-
-def _assert_trees_close(got, want, **kwargs):
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    np.testing.assert_allclose(g, w, **kwargs)
+  return jnp.mean((mlp_apply(params, X)[:, 0] - y) ** 2)
 
 
 @pytest.mark.parametrize("inner_steps", [1, 3])
@@ -69,7 +59,7 @@ def _hand_unrolled_meta_loss(params, support, query, lr, steps):
 @pytest.mark.parametrize("jit", [False, True])
 def test_maml_gradient_matches_hand_unrolled_loop_and_first_order_differs(jit):
   rng = np.random.default_rng(1)
-  params, support, query = _mlp_params(rng), _regression_task(rng), _regression_task(rng)
+  params, support, query = mlp_params(1, SIZES), _regression_task(rng), _regression_task(rng)
   meta_loss = maml_loss(_mlp_loss, inner_lr=0.1, inner_steps=4)
   fo_loss = maml_loss(_mlp_loss, inner_lr=0.1, inner_steps=4, first_order=True)
   grad, fo_grad = jax.grad(meta_loss), jax.grad(fo_loss)
@@ -80,13 +70,13 @@ def test_maml_gradient_matches_hand_unrolled_loop_and_first_order_differs(jit):
   np.testing.assert_allclose(
     meta_loss(params, support, query), hand_unrolled(params, support, query, 0.1, 4), rtol=1e-12
   )
-  _assert_trees_close(grad(params, support, query), want, rtol=1e-10)
+  assert_tree_close(grad(params, support, query), want, rtol=1e-10)
   # FOMAML: exactly the query gradient at the adapted parameters ...
   phi, mlp_grad = params, jax.jit(jax.grad(_mlp_loss))
   for _ in range(4):
     phi = jax.tree.map(lambda p, g: p - 0.1 * g, phi, mlp_grad(phi, support))
   got_fo = fo_grad(params, support, query)
-  _assert_trees_close(got_fo, jax.grad(_mlp_loss)(phi, query), rtol=1e-10)
+  assert_tree_close(got_fo, jax.grad(_mlp_loss)(phi, query), rtol=1e-10)
   # ... which is not the second-order meta-gradient.
   diff = optax.tree.norm(optax.tree.sub(got_fo, want))
   assert diff > 1e-2 * optax.tree.norm(want)
@@ -94,7 +84,7 @@ def test_maml_gradient_matches_hand_unrolled_loop_and_first_order_differs(jit):
 
 def test_maml_with_optax_inner_optimizer_matches_python_loop():
   rng = np.random.default_rng(2)
-  params, support, query = _mlp_params(rng), _regression_task(rng), _regression_task(rng)
+  params, support, query = mlp_params(2, SIZES), _regression_task(rng), _regression_task(rng)
   opt = optax.adam(0.05)
 
   def unrolled(params):
@@ -108,7 +98,7 @@ def test_maml_with_optax_inner_optimizer_matches_python_loop():
   np.testing.assert_allclose(
     meta_loss(params, support, query), jax.jit(unrolled)(params), rtol=1e-12
   )
-  _assert_trees_close(
+  assert_tree_close(
     jax.jit(jax.grad(meta_loss))(params, support, query),
     jax.jit(jax.grad(unrolled))(params),
     rtol=1e-8,
@@ -116,7 +106,7 @@ def test_maml_with_optax_inner_optimizer_matches_python_loop():
   # optax.sgd(lr) is the inner_lr path.
   via_sgd = maml_loss(_mlp_loss, inner_optimizer=optax.sgd(0.1), inner_steps=2)
   via_lr = maml_loss(_mlp_loss, inner_lr=0.1, inner_steps=2)
-  _assert_trees_close(
+  assert_tree_close(
     jax.jit(jax.grad(via_sgd))(params, support, query),
     jax.jit(jax.grad(via_lr))(params, support, query),
     rtol=1e-12,
@@ -124,8 +114,7 @@ def test_maml_with_optax_inner_optimizer_matches_python_loop():
 
 
 def test_maml_vmap_over_tasks_jit_without_recompilation():
-  rng = np.random.default_rng(3)
-  params = _mlp_params(rng)
+  params = mlp_params(3, SIZES)
   num_tasks = 3
   traces = []
   meta_loss = maml_loss(_mlp_loss, inner_lr=0.1, inner_steps=2)
@@ -144,7 +133,7 @@ def test_maml_vmap_over_tasks_jit_without_recompilation():
     single = jax.jit(jax.grad(meta_loss))
     loop = [single(params, tasks[t], tasks[num_tasks + t]) for t in range(num_tasks)]
     want = jax.tree.map(lambda *gs: sum(gs) / num_tasks, *loop)
-    _assert_trees_close(got, want, rtol=1e-10)
+    assert_tree_close(got, want, rtol=1e-10)
   assert len(traces) == 1
 
 
@@ -233,7 +222,7 @@ def test_imaml_lbfgs_inner_solver_matches_dense_gradient_where_unstable_sgd_does
 def test_imaml_lbfgs_keeps_float32_params_under_x64():
   # optax.lbfgs's line search tries float64 points (x64 on): the loss still sees float32.
   rng = np.random.default_rng(11)
-  params = _mlp_params(rng, dtype=jnp.float32)
+  params = mlp_params(11, SIZES, jnp.float32)
   support, query = (
     _regression_task(rng, dtype=jnp.float32),
     _regression_task(rng, dtype=jnp.float32),

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 import scipy.optimize
+from helpers import dense_ggn, regression_problem
 from jax.flatten_util import ravel_pytree
 
 from curvopt.curvature.products import hvp_fn
@@ -17,23 +18,6 @@ from curvopt.optimizers.newton_cg import (
 )
 
 # ---------------------------------------------------------------------------------- helpers
-
-
-def _mlp_problem(seed=0, n=32, dtype=jnp.float64):
-  key = jax.random.PRNGKey(seed)
-  k1, k2, k3, k4 = jax.random.split(key, 4)
-  params = {
-    "w1": 0.5 * jax.random.normal(k1, (3, 5), dtype),
-    "b1": jnp.zeros(5, dtype),
-    "w2": 0.5 * jax.random.normal(k2, (5, 2), dtype),
-  }
-  x = jax.random.normal(k3, (n, 3), dtype)
-  y = jnp.stack([jnp.sin(x[:, 0]), x[:, 1] * x[:, 2]], axis=1) + 0.1 * jax.random.normal(
-    k4, (n, 2), dtype
-  )
-  model_fn = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
-  loss_fn = lambda z, y: 0.5 * jnp.mean(jnp.sum((z - y) ** 2, axis=-1))
-  return params, x, y, model_fn, loss_fn
 
 
 def _digits():
@@ -189,7 +173,7 @@ def test_nonfinite_loss_rejected_damping_raised():
 
 @pytest.mark.parametrize("curvature", ["ggn", "fisher", "hessian"])
 def test_direction_matches_dense_solve(curvature):
-  params, x, y, model_fn, loss_fn = _mlp_problem()
+  params, x, y, model_fn, loss_fn = regression_problem()
   flat, unravel = ravel_pytree(params)
   value_fn = value_fn_from_model(model_fn, loss_fn)
   g = jax.grad(value_fn)(params, x=x, y=y)
@@ -216,9 +200,7 @@ def test_direction_matches_dense_solve(curvature):
   if curvature == "hessian":
     c = jax.hessian(fv)(flat)
   elif curvature == "ggn":
-    jac = jax.jacrev(lambda v: model_fn(unravel(v), x).ravel())(flat)
-    h_out = jax.hessian(lambda z: loss_fn(z.reshape(y.shape), y))(model_fn(params, x).ravel())
-    c = jac.T @ h_out @ jac
+    c = dense_ggn(params, x, y, model_fn, loss_fn)
   else:
     per_ex = jax.vmap(
       lambda xi, yi: jax.grad(lambda v: value_fn(unravel(v), x=xi[None], y=yi[None]))(flat)
@@ -233,7 +215,7 @@ def test_direction_matches_dense_solve(curvature):
 
 
 def test_custom_curvature_protocol_and_preconditioners_agree():
-  params, x, y, model_fn, loss_fn = _mlp_problem(1)
+  params, x, y, model_fn, loss_fn = regression_problem(1)
   value_fn = value_fn_from_model(model_fn, loss_fn)
   g = jax.grad(value_fn)(params, x=x, y=y)
   common = dict(
@@ -269,7 +251,7 @@ def test_damping_adapts_from_rho():
 
 
 def test_ggn_minibatches_as_data_kwargs_train_and_compile_once():
-  params, x, y, model_fn, loss_fn = _mlp_problem(2, n=64)
+  params, x, y, model_fn, loss_fn = regression_problem(2, n=64)
   tx = newton_cg(model_fn=model_fn, loss_fn=loss_fn, damping=1.0, cg_max_steps=20)
   value_fn = value_fn_from_model(model_fn, loss_fn)
   traces = []
@@ -293,7 +275,7 @@ def test_ggn_minibatches_as_data_kwargs_train_and_compile_once():
 
 @pytest.mark.slow
 def test_chains_with_backtracking_linesearch_under_jit():
-  params, x, y, model_fn, loss_fn = _mlp_problem(3)
+  params, x, y, model_fn, loss_fn = regression_problem(3)
   value_fn = lambda p, x, y: loss_fn(model_fn(p, x), y)
   by_hand = optax.chain(
     scale_by_newton_cg("hessian", damping=1e-2, accept_ratio=None),
@@ -356,18 +338,9 @@ def test_flax_nnx_optimizer():
   assert np.all(np.isfinite(losses))
 
 
-def _dense_ggn(params, x, y, model_fn, loss_fn):
-  """Dense float64 GGN ``Jᵀ H J`` of the batch ``(x, y)`` by ``jacrev``/``hessian``."""
-  flat, unravel = ravel_pytree(params)
-  jac = jax.jacrev(lambda v: model_fn(unravel(v), x).ravel())(flat)
-  outputs = model_fn(params, x).ravel()
-  h_out = jax.hessian(lambda z: loss_fn(z.reshape(outputs.size // y.shape[-1], -1), y))(outputs)
-  return jac.T @ h_out @ jac
-
-
 @pytest.mark.parametrize("preconditioner", [None, "martens"])
 def test_curvature_batch_size_uses_rotating_chunk(preconditioner):
-  params, x, y, model_fn, loss_fn = _mlp_problem(4, n=48)
+  params, x, y, model_fn, loss_fn = regression_problem(4, n=48)
   value_fn = value_fn_from_model(model_fn, loss_fn)
   g = jax.grad(value_fn)(params, x=x, y=y)
   lam = 0.2
@@ -391,7 +364,7 @@ def test_curvature_batch_size_uses_rotating_chunk(preconditioner):
     state = tx.init(params)._replace(count=jnp.asarray(count, jnp.int32))
     d, state = update(g, state, params, x, y)
     # Full-batch gradient, curvature of the chunk only (dense reference).
-    c = _dense_ggn(params, x[rows], y[rows], model_fn, loss_fn)
+    c = dense_ggn(params, x[rows], y[rows], model_fn, loss_fn)
     flat_g = ravel_pytree(g)[0]
     expected = np.linalg.solve(c + lam * np.eye(flat_g.size), flat_g)
     np.testing.assert_allclose(ravel_pytree(d)[0], expected, rtol=1e-7, atol=1e-10)
@@ -404,7 +377,7 @@ def test_curvature_batch_size_uses_rotating_chunk(preconditioner):
 
 
 def test_curvature_batch_size_misuse():
-  params, x, y, model_fn, loss_fn = _mlp_problem(0, n=8)
+  params, x, y, model_fn, loss_fn = regression_problem(0, n=8)
   g = jax.grad(value_fn_from_model(model_fn, loss_fn))(params, x=x, y=y)
   tx = scale_by_newton_cg("ggn", model_fn=model_fn, loss_fn=loss_fn, curvature_batch_size=16)
   with pytest.raises(ValueError, match="exceeds the 8 examples"):
@@ -417,7 +390,7 @@ def test_curvature_batch_size_misuse():
 
 
 def test_cg_backtracking_through_newton_cg_picks_best_saved_iterate():
-  params, x, y, model_fn, loss_fn = _mlp_problem(5)
+  params, x, y, model_fn, loss_fn = regression_problem(5)
   value_fn = value_fn_from_model(model_fn, loss_fn)
   flat, unravel = ravel_pytree(params)
   fv = lambda v: value_fn(unravel(v), x=x, y=y)
@@ -439,7 +412,7 @@ def test_cg_backtracking_through_newton_cg_picks_best_saved_iterate():
   updates, state = update(g, tx.init(params), params)
   # Reference: plain CG in numpy on the dense damped GGN, iterates saved at ceil(1.3^j) and
   # the final one (preferred on ties), the best by the true loss of params - x_k.
-  a = np.asarray(_dense_ggn(params, x, y, model_fn, loss_fn)) + lam * np.eye(flat.size)
+  a = np.asarray(dense_ggn(params, x, y, model_fn, loss_fn)) + lam * np.eye(flat.size)
   b = np.asarray(ravel_pytree(g)[0])
   xk, r, p, iterates = np.zeros_like(b), b.copy(), b.copy(), {}
   for k in range(1, max_steps + 1):
@@ -459,7 +432,7 @@ def test_cg_backtracking_through_newton_cg_picks_best_saved_iterate():
 
 
 def test_chains_with_zoom_linesearch_under_jit():
-  params, x, y, model_fn, loss_fn = _mlp_problem(6)
+  params, x, y, model_fn, loss_fn = regression_problem(6)
   value_fn = value_fn_from_model(model_fn, loss_fn)
   common = dict(damping=1e-2, accept_ratio=None, cg_max_steps=30)
   wrapped = newton_cg(
@@ -499,7 +472,7 @@ def test_chains_with_zoom_linesearch_under_jit():
 
 
 def test_float32_run_stays_float32_and_matches_float64_solve():
-  params, x, y, model_fn, loss_fn = _mlp_problem(7, dtype=jnp.float32)
+  params, x, y, model_fn, loss_fn = regression_problem(7, dtype=jnp.float32)
   assert x.dtype == jnp.float32
   value_fn = value_fn_from_model(model_fn, loss_fn)
   lam = 0.5
@@ -527,7 +500,7 @@ def test_float32_run_stays_float32_and_matches_float64_solve():
   # First direction against a dense float64 solve at the same (float32-valued) point.
   p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
   x64, y64 = x.astype(jnp.float64), y.astype(jnp.float64)
-  c = _dense_ggn(p64, x64, y64, model_fn, loss_fn)
+  c = dense_ggn(p64, x64, y64, model_fn, loss_fn)
   g64 = ravel_pytree(jax.grad(value_fn)(p64, x=x64, y=y64))[0]
   expected = -np.linalg.solve(c + lam * np.eye(g64.size), g64)
   np.testing.assert_allclose(ravel_pytree(updates)[0], expected, rtol=2e-4, atol=2e-5)
@@ -566,7 +539,7 @@ def test_grads_dtype_unlike_params_raise_a_named_error():
 
 
 def test_undeclared_data_keyword_raises_naming_it_and_the_accepted_names():
-  params, x, y, model_fn, loss_fn = _mlp_problem(8, n=8)
+  params, x, y, model_fn, loss_fn = regression_problem(8, n=8)
   g = jax.grad(value_fn_from_model(model_fn, loss_fn))(params, x=x, y=y)
   tx = newton_cg(model_fn=model_fn, loss_fn=loss_fn)
   with pytest.raises(ValueError, match=r"\['Y'\].*\['x', 'y'\]"):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import dense_ggn, regression_problem
 from jax.flatten_util import ravel_pytree
 
 from curvopt.optimizers import curvatures, damping, solvers
@@ -19,23 +20,6 @@ from curvopt.optimizers.newton_cg import newton_cg, scale_by_newton_cg, value_fn
 def _spd(n, seed=0, shift=0.5):
   m = np.random.default_rng(seed).normal(size=(n, n))
   return m @ m.T + shift * np.eye(n)
-
-
-def _mlp_problem(seed=0, n=24):
-  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-  params = {"w1": 0.5 * jax.random.normal(k1, (3, 4)), "w2": 0.5 * jax.random.normal(k2, (4, 2))}
-  x = jax.random.normal(k3, (n, 3))
-  y = jnp.stack([jnp.sin(x[:, 0]), x[:, 1] * x[:, 2]], axis=1)
-  model_fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
-  loss_fn = lambda z, y: 0.5 * jnp.mean(jnp.sum((z - y) ** 2, axis=-1))
-  return params, x, y, model_fn, loss_fn
-
-
-def _dense_ggn(params, x, y, model_fn, loss_fn):
-  flat, unravel = ravel_pytree(params)
-  jac = jax.jacrev(lambda v: model_fn(unravel(v), x).ravel())(flat)
-  h = jax.hessian(lambda z: loss_fn(z.reshape(y.shape), y))(model_fn(params, x).ravel())
-  return np.asarray(jac.T @ h @ jac)
 
 
 # ------------------------------------------------------------------------------ damping
@@ -188,7 +172,7 @@ def test_nystrom_state_refreshes_every_k_updates():
 
 @pytest.mark.parametrize("solver", ["cg", "nystrom", "dense"])
 def test_newton_cg_solvers_agree_with_the_dense_damped_solve(solver):
-  params, x, y, model_fn, loss_fn = _mlp_problem()
+  params, x, y, model_fn, loss_fn = regression_problem(n=24)
   value_fn = value_fn_from_model(model_fn, loss_fn)
   g = jax.grad(value_fn)(params, x=x, y=y)
   lam = 0.05
@@ -205,7 +189,7 @@ def test_newton_cg_solvers_agree_with_the_dense_damped_solve(solver):
     nystrom_rank=8,
   )
   d, state = jax.jit(lambda g, s, p: tx.update(g, s, p, x=x, y=y))(g, tx.init(params), params)
-  c = _dense_ggn(params, x, y, model_fn, loss_fn)
+  c = dense_ggn(params, x, y, model_fn, loss_fn)
   flat_g = ravel_pytree(g)[0]
   expected = np.linalg.solve(c + lam * np.eye(flat_g.size), flat_g)
   np.testing.assert_allclose(ravel_pytree(d)[0], expected, rtol=1e-7, atol=1e-10)
@@ -216,7 +200,7 @@ def test_newton_cg_solvers_agree_with_the_dense_damped_solve(solver):
 def test_a_linalg_solve_fn_plugs_in_as_the_solver():
   # Any function following curvopt.linalg.solve's protocol is a solver: here a Jacobi-
   # preconditioned Richardson iteration written by the user.
-  params, x, y, model_fn, loss_fn = _mlp_problem(1)
+  params, x, y, model_fn, loss_fn = regression_problem(1, n=24)
   value_fn = value_fn_from_model(model_fn, loss_fn)
   g = jax.grad(value_fn)(params, x=x, y=y)
   lam = 0.5
@@ -237,7 +221,7 @@ def test_a_linalg_solve_fn_plugs_in_as_the_solver():
     "ggn", model_fn=model_fn, loss_fn=loss_fn, damping=lam, accept_ratio=None, solver=richardson
   )
   d, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, x=x, y=y))(g, tx.init(params), params)
-  c = _dense_ggn(params, x, y, model_fn, loss_fn) + lam * np.eye(ravel_pytree(g)[0].size)
+  c = dense_ggn(params, x, y, model_fn, loss_fn) + lam * np.eye(ravel_pytree(g)[0].size)
   expected, flat_g = np.zeros_like(c[0]), np.asarray(ravel_pytree(g)[0])
   for _ in range(3):
     expected = expected + 0.2 * (flat_g - c @ expected)
@@ -256,7 +240,7 @@ def test_a_linalg_solve_fn_plugs_in_as_the_solver():
 
 
 def test_a_new_curvature_is_one_function_and_one_entry(monkeypatch):
-  params, x, y, model_fn, loss_fn = _mlp_problem(2)
+  params, x, y, model_fn, loss_fn = regression_problem(2, n=24)
   value_fn = value_fn_from_model(model_fn, loss_fn)
   g = jax.grad(value_fn)(params, x=x, y=y)
 
@@ -281,7 +265,7 @@ def test_a_new_curvature_is_one_function_and_one_entry(monkeypatch):
     cg_progress_tol=None,
   )
   d, _ = tx.update(g, tx.init(params), params, x=x, y=y)
-  diag = np.diag(_dense_ggn(params, x, y, model_fn, loss_fn))
+  diag = np.diag(dense_ggn(params, x, y, model_fn, loss_fn))
   np.testing.assert_allclose(ravel_pytree(d)[0], ravel_pytree(g)[0] / (diag + 0.1), rtol=1e-8)
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import mlp_apply, mlp_params
 
 from curvopt.privacy.clipping import clipped_sum_fn
 
@@ -26,17 +27,11 @@ DN = ("NHWC", "HWIO", "NHWC")
 
 
 def _mlp_init(key, dtype):
-  k1, k2 = jax.random.split(key)
-  return {
-    "w1": jax.random.normal(k1, (6, 5), dtype) / 2,
-    "b1": jnp.zeros((5,), dtype) + 0.1,
-    "w2": jax.random.normal(k2, (5, 2), dtype) / 2,
-  }
+  return mlp_params(key, (6, 5, 2), dtype)
 
 
 def _mlp_loss(p, ex):
-  h = jnp.tanh(ex["x"] @ p["w1"] + p["b1"])
-  return 0.5 * jnp.sum(jnp.square(h @ p["w2"] - ex["y"]))
+  return 0.5 * jnp.sum(jnp.square(mlp_apply(p, ex["x"]) - ex["y"]))
 
 
 def _mlp_batch(key, dtype):

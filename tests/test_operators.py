@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import mlp_apply, mlp_params
 
 from curvopt.autodiff.operators import divergence, hessian_diagonal, laplacian
 
@@ -12,25 +13,9 @@ DTYPES = (jnp.float32, jnp.float64)
 TOL = {jnp.float32: dict(rtol=2e-4, atol=2e-4), jnp.float64: dict(rtol=1e-10, atol=1e-10)}
 
 
-def _mlp_params(key, sizes, dtype):
-  params = []
-  layers = zip(sizes[:-1], sizes[1:], strict=True)
-  for k, (m, n) in zip(jax.random.split(key, len(sizes) - 1), layers, strict=True):
-    kw, kb = jax.random.split(k)
-    params.append(
-      {
-        "w": (jax.random.normal(kw, (m, n)) / np.sqrt(m)).astype(dtype),
-        "b": (0.1 * jax.random.normal(kb, (n,))).astype(dtype),
-      }
-    )
-  return params
-
-
 def _mlp(params, x):
-  """A tanh MLP on one point (d,) -> scalar, parameters a list of dicts (a pytree)."""
-  for layer in params[:-1]:
-    x = jnp.tanh(x @ layer["w"] + layer["b"])
-  return (x @ params[-1]["w"] + params[-1]["b"])[0]
+  """helpers' tanh MLP on one point (d,) -> scalar, parameters a list of dicts (a pytree)."""
+  return mlp_apply(params, x)[0]
 
 
 @jax.jit
@@ -49,7 +34,7 @@ def _mixed(params, x):
 def _problem(d, dtype, key=0):
   kp, kx = jax.random.split(jax.random.key(key))
   sizes = [d, 16, 16, 1]
-  params = _mlp_params(kp, sizes, dtype)
+  params = mlp_params(kp, sizes, dtype)
   x = jax.random.uniform(kx, (7, d), minval=-1.0, maxval=1.0).astype(dtype)
   return params, x
 
@@ -113,7 +98,7 @@ def test_divergence_matches_jacfwd_trace(dtype, jit):
 @pytest.mark.parametrize("method", ["forward_laplacian", "forward"])
 def test_laplacian_under_vmap_over_parameters(method):
   keys = jax.random.split(jax.random.key(1), 3)
-  params = jax.vmap(lambda k: _mlp_params(k, [2, 8, 1], jnp.float64))(keys)
+  params = jax.vmap(lambda k: mlp_params(k, [2, 8, 1], jnp.float64))(keys)
   x = jax.random.uniform(jax.random.key(2), (5, 2), dtype=jnp.float64)
   got = jax.jit(jax.vmap(lambda p: laplacian(lambda y: _mlp(p, y), x, method=method)))(params)
   for i in range(3):

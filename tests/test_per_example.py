@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import assert_tree_close, mlp_apply, mlp_params
 
 from curvopt import (
   ClippedSum,
@@ -18,22 +19,11 @@ from curvopt import (
 )
 
 B = 7
-
-
-def init_params(dtype, key=0):
-  k1, k2, k3 = jax.random.split(jax.random.key(key), 3)
-  return {
-    "hidden": {
-      "w": jax.random.normal(k1, (3, 4), dtype),
-      "b": 0.1 * jax.random.normal(k2, (4,), dtype),
-    },
-    "out": jax.random.normal(k3, (4, 2), dtype),
-  }
+SIZES = (3, 4, 2)  # helpers.mlp_params: 3 inputs, 4 tanh units, 2 classes
 
 
 def loss_fn(params, example):
-  h = jnp.tanh(example["x"] @ params["hidden"]["w"] + params["hidden"]["b"])
-  logits = h @ params["out"]
+  logits = mlp_apply(params, example["x"])
   return -jax.nn.log_softmax(logits)[example["y"]] * example["scale"]
 
 
@@ -66,14 +56,6 @@ def global_norm(g):
   return np.sqrt(sum(np.sum(x**2) for x in jax.tree.leaves(g)))
 
 
-def assert_tree_close(a, b, rtol, atol=0.0):
-  jax.tree.map(
-    lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol),
-    a,
-    b,
-  )
-
-
 def tol(dtype):
   return 1e-5 if dtype == jnp.float32 else 1e-12
 
@@ -90,7 +72,7 @@ def tol(dtype):
   ],
 )
 def test_per_example_grads_equal_loop(dtype, chunk_size, jit):
-  params, batch = init_params(dtype), make_batch(dtype)
+  params, batch = mlp_params(0, SIZES, dtype), make_batch(dtype)
   f = lambda p, b: per_example_grads(loss_fn, p, b, chunk_size=chunk_size)
   grads = (jax.jit(f) if jit else f)(params, batch)
   for i, ref in enumerate(loop_grads(params, batch)):
@@ -126,7 +108,7 @@ def reference_clipped_mean(params, batch, clip, per_layer=False, is_padding=None
 @pytest.mark.parametrize("chunk_size", [None, 3])
 @pytest.mark.parametrize("per_layer", [False, True, "size"])
 def test_clipped_grad_equals_loop(dtype, chunk_size, per_layer):
-  params, batch = init_params(dtype), make_batch(dtype)
+  params, batch = mlp_params(0, SIZES, dtype), make_batch(dtype)
   clip = 1.0
   fn = jax.jit(clipped_grad(loss_fn, clip, per_layer=per_layer, chunk_size=chunk_size))
   mean, norms = fn(params, batch)
@@ -158,20 +140,20 @@ def test_clip_factor_scales_large_norms_down():
 
 
 def test_infinite_clip_is_plain_mean_gradient():
-  params, batch = init_params(jnp.float64), make_batch(jnp.float64)
+  params, batch = mlp_params(0, SIZES, jnp.float64), make_batch(jnp.float64)
   mean, _ = clipped_grad(loss_fn, jnp.inf)(params, batch)
   batch_loss = lambda p: jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(p, batch))
   assert_tree_close(mean, jax.grad(batch_loss)(params), rtol=1e-12)
 
 
 def test_zero_clip_gives_zero():
-  params, batch = init_params(jnp.float64), make_batch(jnp.float64)
+  params, batch = mlp_params(0, SIZES, jnp.float64), make_batch(jnp.float64)
   mean, _ = clipped_grad(loss_fn, 0.0)(params, batch)
   assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(mean))
 
 
 def test_padding_matches_unpadded_batch_and_ignores_garbage():
-  params, batch = init_params(jnp.float64), make_batch(jnp.float64)
+  params, batch = mlp_params(0, SIZES, jnp.float64), make_batch(jnp.float64)
   is_padding = jnp.array([False, True, False, False, True, False, False])
   garbage = dict(batch, x=batch["x"].at[1].set(jnp.nan).at[4].set(jnp.inf))
   mean, norms = clipped_grad(loss_fn, 1.0)(params, garbage, is_padding)
@@ -184,7 +166,7 @@ def test_padding_matches_unpadded_batch_and_ignores_garbage():
 
 
 def test_non_finite_example_is_dropped_not_poisoning():
-  params, batch = init_params(jnp.float64), make_batch(jnp.float64)
+  params, batch = mlp_params(0, SIZES, jnp.float64), make_batch(jnp.float64)
   bad = dict(batch, x=batch["x"].at[2].set(jnp.nan))
   result = clipped_sum_fn(loss_fn, 1.0)(params, bad)
   assert int(result.num_dropped) == 1 and int(result.num_examples) == B
@@ -204,7 +186,7 @@ def test_non_finite_example_is_dropped_not_poisoning():
 
 
 def test_no_recompilation_across_padding_masks():
-  params, batch = init_params(jnp.float32), make_batch(jnp.float32)
+  params, batch = mlp_params(0, SIZES, jnp.float32), make_batch(jnp.float32)
   traces = []
 
   def counted_loss(p, ex):
@@ -232,7 +214,7 @@ def test_optax_would_poison_the_sum():
 
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_clip_per_example_equals_clipped_grad(per_layer):
-  params, batch = init_params(jnp.float64), make_batch(jnp.float64)
+  params, batch = mlp_params(0, SIZES, jnp.float64), make_batch(jnp.float64)
   grads = per_example_grads(loss_fn, params, batch)
   tx = clip_per_example(1.0, per_layer=per_layer)
   out, state = jax.jit(tx.update)(grads, tx.init(params))
@@ -248,7 +230,7 @@ def test_clip_per_example_equals_clipped_grad(per_layer):
 
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_ghost_method_agrees_with_vmap(per_layer):
-  params, batch = init_params(jnp.float64), make_batch(jnp.float64)
+  params, batch = mlp_params(0, SIZES, jnp.float64), make_batch(jnp.float64)
   bad = dict(batch, x=batch["x"].at[2].set(jnp.nan))  # NaN safety through the ghost path too
   is_padding = jnp.arange(B) == 5
   ghost = jax.jit(clipped_sum_fn(loss_fn, 1.0, method="ghost", per_layer=per_layer))
@@ -260,7 +242,7 @@ def test_ghost_method_agrees_with_vmap(per_layer):
 
 
 def test_bad_inputs():
-  params, batch = init_params(jnp.float32), make_batch(jnp.float32)
+  params, batch = mlp_params(0, SIZES, jnp.float32), make_batch(jnp.float32)
   ragged = dict(batch, y=batch["y"][:-1])
   with pytest.raises(ValueError, match="disagree on the leading"):
     per_example_grads(loss_fn, params, ragged)
@@ -358,7 +340,7 @@ def test_dp_sgd_drops_and_counts_non_finite_examples():
 
 def test_clipped_sum_input_equals_per_example_input():
   """The loss-function path (e.g. ghost clipping) and the per-example path noise the same."""
-  params, batch = init_params(jnp.float32), make_batch(jnp.float32)
+  params, batch = mlp_params(0, SIZES, jnp.float32), make_batch(jnp.float32)
   is_padding = jnp.arange(B) >= 5
   opt = dp_sgd(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, key=7, expected_batch_size=6)
   state = opt.init(params)
@@ -387,7 +369,7 @@ def test_dp_sgd_momentum_matches_optax_sgd_on_clipped_mean():
 def test_dp_sgd_jit_compiles_once_over_poisson_batches():
   from curvopt.privacy import poisson_sample
 
-  params, data = init_params(jnp.float32), make_batch(jnp.float32, size=50)
+  params, data = mlp_params(0, SIZES, jnp.float32), make_batch(jnp.float32, size=50)
   opt = dp_sgd(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, key=0, expected_batch_size=5)
   traces = []
 
@@ -456,10 +438,10 @@ def test_dp_sgd_logistic_regression_on_digits_beats_80_percent():
 
 @pytest.mark.parametrize("method, chunk_size", [("vmap", None), ("vmap", 3), ("ghost", None)])
 def test_non_scalar_per_example_loss_is_a_named_error_for_every_method(method, chunk_size):
-  params, batch = init_params(jnp.float32), make_batch(jnp.float32)
+  params, batch = mlp_params(0, SIZES, jnp.float32), make_batch(jnp.float32)
 
   def vector_loss(p, ex):
-    return jnp.tanh(ex["x"] @ p["hidden"]["w"])  # shape (4,): forgot to reduce
+    return jnp.tanh(ex["x"] @ p[0]["w"])  # shape (4,): forgot to reduce
 
   fn = clipped_grad(vector_loss, 1.0, method=method, chunk_size=chunk_size)
   with pytest.raises(ValueError, match=r"one scalar per example.*\(4,\).*ONE example"):
@@ -469,18 +451,18 @@ def test_non_scalar_per_example_loss_is_a_named_error_for_every_method(method, c
 
 
 def test_dp_sgd_update_with_a_missing_leaf_is_a_named_error_at_update_time():
-  params, batch = init_params(jnp.float32), make_batch(jnp.float32)
+  params, batch = mlp_params(0, SIZES, jnp.float32), make_batch(jnp.float32)
   grads = per_example_grads(loss_fn, params, batch)
-  missing = {"hidden": {"w": grads["hidden"]["w"]}, "out": grads["out"]}  # no "b"
+  missing = [{"w": grads[0]["w"]}, grads[1]]  # no "b" in the first layer
   opt = dp_sgd(0.1, l2_norm_clip=1.0, noise_multiplier=0.0, key=0)
   state = opt.init(params)
   with pytest.raises(ValueError, match="same pytree structure as params.*every parameter leaf"):
     opt.update(missing, state, params)
-  wrong_shape = dict(grads, out=grads["out"][:, :3])
-  with pytest.raises(ValueError, match=r"\['out'\] has shape \(3, 2\).*leading example axis"):
+  wrong_shape = [grads[0], dict(grads[1], w=grads[1]["w"][:, :3])]
+  with pytest.raises(ValueError, match=r"\[1\]\['w'\] has shape \(3, 2\).*leading example axis"):
     opt.update(wrong_shape, state, params)
   clipped = clipped_sum_fn(loss_fn, 1.0)(params, batch)
-  bad_sum = clipped._replace(sum={"hidden": clipped.sum["hidden"]})
+  bad_sum = clipped._replace(sum=clipped.sum[:1])
   with pytest.raises(ValueError, match="ClippedSum's sum"):
     opt.update(bad_sum, state, params)
   # the well-formed inputs pass, under jit too
