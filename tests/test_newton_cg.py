@@ -625,7 +625,7 @@ def test_flax_nnx_module_model_fn_with_batchnorm_without_split_merge():
 def test_preconditioner_batch_size_takes_the_first_rows_of_the_curvature_chunk():
   # Truncated CG (3 steps), so the direction depends on the preconditioner: Martens' diagonal
   # from rows 16:24 (the first 8 of chunk 16:32) equals a diagonal from an explicit loop there.
-  params, x, y, model_fn, loss_fn = _mlp_problem(5, n=48)
+  params, x, y, model_fn, loss_fn = regression_problem(5, n=48)
   value_fn = value_fn_from_model(model_fn, loss_fn)
   g = jax.grad(value_fn)(params, x=x, y=y)
 
