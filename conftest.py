@@ -39,3 +39,15 @@ def _precision(request, doctest_namespace):
   jax.config.update("jax_enable_x64", not is_doctest)
   yield
   jax.config.update("jax_enable_x64", previous)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Long tests first, so that neither xdist worker is left running one alone at the end.
+
+  Tests marked ``slow`` (still run by CI; whole modules whose tests share a multi-device
+  subprocess fixture are marked) move to the front in their order, so one worker starts them
+  and runs each module fixture once; with ``--dist worksteal`` the idle worker then takes
+  tests from the end of the other's queue: the short ones.
+  """
+  del config
+  items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)

@@ -21,6 +21,9 @@ import sys
 import pytest
 import yaml
 
+# The tests share one 4-device launcher subprocess (a module fixture): run them early.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_PY = os.path.join(ROOT, "experiments", "run.py")
 NUM_DEVICES = 4

@@ -23,6 +23,9 @@ import pytest
 from curvopt import clipped_grad, clipped_sum_fn, dp_sgd, per_example_grads, sharding
 from curvopt.optimizers.newton_cg import newton_cg
 
+# The tests share one 4-device subprocess (a module fixture): run them early.
+pytestmark = pytest.mark.slow
+
 NUM_DEVICES = 4
 BATCH = 32
 CLIP = 0.5
