@@ -59,15 +59,26 @@ from curvopt.linalg.nystrom import (
   nystrom_cg,
   nystrom_preconditioner,
 )
+from curvopt.linalg.solvers import CG, Auto, Dense, NystromPreconditioner, SolverKind
 from curvopt.linalg.status import SolverStatus
-from curvopt.optimizers.newton_cg import (
+from curvopt.optimizers.curvatures import (
+  GGN,
   CurvatureFn,
+  DiagonalFn,
+  DiagonalPreconditioner,
+  Fisher,
+  Hessian,
+  MartensDiagonal,
+)
+from curvopt.optimizers.damping import LevenbergMarquardt
+from curvopt.optimizers.newton_cg import (
   NewtonCGInfo,
   NewtonCGState,
   newton_cg,
+  newton_cg_parts,
   scale_by_newton_cg,
-  value_fn_from_model,
 )
+from curvopt.optimizers.problem import value_fn_from_model
 from curvopt.privacy import ghost
 from curvopt.privacy.clipping import (
   ClippedSum,
@@ -94,11 +105,21 @@ def __getattr__(name: str):
 
 
 __all__ = [
+  "CG",
+  "GGN",
+  "Auto",
   "CGResult",
   "CG_STATUSES",
   "ClipPerExampleState",
   "ClippedSum",
   "CurvatureFn",
+  "Dense",
+  "DiagonalFn",
+  "DiagonalPreconditioner",
+  "Fisher",
+  "Hessian",
+  "LevenbergMarquardt",
+  "MartensDiagonal",
   "DPSGDState",
   "EigenResult",
   "FixedPointSolution",
@@ -109,6 +130,8 @@ __all__ = [
   "NonConvergenceError",
   "NonConvergenceWarning",
   "NystromApproximation",
+  "NystromPreconditioner",
+  "SolverKind",
   "SolverStatus",
   "SpectralDensity",
   "TraceEstimate",
@@ -155,6 +178,7 @@ __all__ = [
   "maml_loss",
   "mjp",
   "newton_cg",
+  "newton_cg_parts",
   "nystrom_approximation",
   "nystrom_cg",
   "nystrom_preconditioner",

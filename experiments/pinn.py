@@ -16,9 +16,9 @@ input derivatives come from :func:`curvopt.autodiff.operators.laplacian` /
 For Newton-CG the model is the residual vector and the loss is the weighted
 :math:`\tfrac12\|\cdot\|^2` above, so the generalised Gauss-Newton matrix is the Gauss-Newton
 matrix :math:`J^\top W J` of the residuals, which for these linear PDEs is the energy natural
-gradient (ENGD) Gram matrix of Müller & Zeinhofer (2023). :func:`dense_gauss_newton` is the
-same step with the ``P x P`` matrix formed from per-point residual gradients and solved
-exactly (Levenberg-Marquardt damping), for networks small enough to afford it.
+gradient (ENGD) Gram matrix of Müller & Zeinhofer (2023). With its defaults, ``newton_cg``
+forms it from per-point residual gradients and solves exactly (in parameter space for the
+small published networks, in sample space when parameters outnumber points).
 
 Problems (``task.problem``):
 
@@ -51,13 +51,11 @@ import glob
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.flatten_util import ravel_pytree
 
 from curvopt.autodiff.operators import hessian_diagonal, laplacian
 from curvopt.experiment.config import ConfigError
@@ -248,160 +246,12 @@ class Pinn(Task):
       "u_plot": jax.vmap(self.u(params))(self.plot_points),  # to arrays/, for solution.png
     }
 
-  # ------------------------------------------------------------- dense Gauss-Newton pieces
-  def weighted_residuals_and_jacobian(self, params, x_interior, x_boundary):
-    """``(r, J)`` with :math:`L = \\tfrac12\\|r\\|^2` and ``J`` its ``(N, P)`` Jacobian.
-
-    Rows are scaled by :math:`1/\\sqrt{N_\\Omega}` and :math:`1/\\sqrt{N_{\\partial\\Omega}}`.
-    ``J`` is built from per-point residual gradients (one reverse pass per point, all
-    ``vmap``-ed), not from ``P`` forward passes over the whole batch.
-    """
-    flat, unravel = ravel_pytree(params)
-
-    def r_int(w, x):
-      return interior_residual(self.problem, self.u(unravel(w)), x[None])[0]
-
-    def r_bdy(w, x):
-      return mlp(unravel(w), x) - exact_solution(self.problem, x)
-
-    def rows(r, x):
-      return jax.vmap(jax.value_and_grad(r), in_axes=(None, 0))(flat, x)
-
-    ri, ji = rows(r_int, x_interior)
-    rb, jb = rows(r_bdy, x_boundary)
-    si, sb = 1 / np.sqrt(x_interior.shape[0]), 1 / np.sqrt(x_boundary.shape[0])
-    return jnp.concatenate([si * ri, sb * rb]), jnp.concatenate([si * ji, sb * jb])
-
   def report(self, run_dir: str, records: list[dict]) -> str:
     return write_report(self, run_dir, records)
 
 
 def build(cfg: Config, dtype) -> Pinn:
   return Pinn(cfg, dtype)
-
-
-# ---------------------------------------------------------------- dense Gauss-Newton (ENGD)
-
-
-class DenseGaussNewtonState(NamedTuple):
-  """State of :func:`dense_gauss_newton`: damping, last reduction ratio, retries, loss."""
-
-  count: jax.Array
-  damping: jax.Array
-  rho: jax.Array
-  retries: jax.Array
-  loss: jax.Array
-
-
-def dense_gauss_newton(
-  residual_fn: Callable[..., jax.Array],
-  jacobian_fn: Callable[..., tuple[jax.Array, jax.Array]],
-  *,
-  damping: float = 1e-3,
-  damping_bounds: tuple[float, float] = (1e-14, 1e8),
-  decrease: float = 0.3,
-  max_retries: int = 12,
-) -> optax.GradientTransformationExtraArgs:
-  r"""The exact damped Gauss-Newton step :math:`-(J^\top J + \lambda I)^{-1} J^\top r`.
-
-  For small models (a few hundred parameters) the Gauss-Newton matrix :math:`G = J^\top J`
-  of the weighted residuals :math:`r` (:math:`L = \tfrac12\|r\|^2`) is formed and
-  the damped system solved exactly (LU). Levenberg-Marquardt: the step is tried at
-  the current :math:`\lambda`; if the loss does not decrease, :math:`\lambda` is multiplied by
-  4 and the step re-solved (at most ``max_retries`` times, inside the compiled update); after an
-  accepted step :math:`\lambda` shrinks by 2/3 when the reduction ratio :math:`\rho > 3/4`
-  and grows by 3/2 when :math:`\rho < 1/4`. As :math:`\lambda \to 0` this is energy natural
-  gradient descent (Müller & Zeinhofer 2023) with unit step.
-
-  Args:
-    residual_fn: ``(params, **data) -> r`` (a vector; the loss is :math:`\tfrac12\|r\|^2`).
-    jacobian_fn: ``(params, **data) -> (r, J)`` with ``J`` of shape ``(len(r), P)`` over the
-      raveled parameters (``jax.flatten_util.ravel_pytree`` order).
-    damping: initial :math:`\lambda`.
-    damping_bounds: ``(min, max)`` of :math:`\lambda`.
-    decrease: factor applied to :math:`\lambda` after a step with :math:`\rho > 3/4`.
-    max_retries: re-solves with raised damping within one update.
-
-  Returns:
-    An optax transformation whose updates are to be added to the parameters (already
-    negated); the data keyword arguments of ``update`` go to both functions.
-
-  This lives in the PINN task family until ``curvopt.newton_cg`` has a dense solver.
-  """
-
-  def init(params):
-    dtype = ravel_pytree(params)[0].dtype
-    return DenseGaussNewtonState(
-      count=jnp.zeros((), jnp.int32),
-      damping=jnp.asarray(damping, dtype),
-      rho=jnp.zeros((), dtype),
-      retries=jnp.zeros((), jnp.int32),
-      loss=jnp.zeros((), dtype),
-    )
-
-  def update(updates, state, params=None, **extra):
-    del updates
-    data = {k: v for k, v in extra.items() if k not in ("value", "grad", "value_fn")}
-    flat, unravel = ravel_pytree(params)
-    r, jac = jacobian_fn(params, **data)
-    loss = 0.5 * jnp.sum(r**2)
-    g = jac.T @ r
-    gram = jac.T @ jac
-    eye = jnp.eye(gram.shape[0], dtype=gram.dtype)
-    lo, hi = damping_bounds
-
-    def trial(lam):
-      # LU of the damped matrix (XLA's CPU Cholesky and eigh are far slower at this size).
-      step = jnp.linalg.solve(gram + lam * eye, g)
-      new_loss = 0.5 * jnp.sum(residual_fn(unravel(flat - step), **data) ** 2)
-      predicted = -g @ step + 0.5 * step @ (gram @ step)  # q(-step), undamped model
-      rho = (new_loss - loss) / jnp.minimum(predicted, -jnp.finfo(flat.dtype).tiny)
-      return step, new_loss, rho
-
-    def cond(carry):
-      i, _, _, new_loss, _ = carry
-      accepted = jnp.isfinite(new_loss) & (new_loss < loss)
-      return (i <= max_retries) & ~accepted
-
-    def body(carry):
-      i, lam, _, _, _ = carry
-      lam = jnp.where(i == 0, lam, jnp.minimum(lam * 4.0, hi))
-      step, new_loss, rho = trial(lam)
-      return i + 1, lam, step, new_loss, rho
-
-    carry = (
-      jnp.zeros((), jnp.int32),
-      state.damping,
-      jnp.zeros_like(flat),
-      jnp.asarray(jnp.inf, flat.dtype),
-      jnp.zeros((), flat.dtype),
-    )
-    tries, lam, step, new_loss, rho = jax.lax.while_loop(cond, body, carry)
-    ok = jnp.isfinite(new_loss) & (new_loss < loss)
-    step = jnp.where(ok, step, 0.0)
-    lam = jnp.where(rho > 0.75, lam * decrease, jnp.where(rho < 0.25, lam * 1.5, lam))
-    lam = jnp.clip(jnp.where(ok, lam, lam * 4.0), lo, hi)
-    new_state = DenseGaussNewtonState(
-      count=state.count + 1, damping=lam, rho=rho, retries=tries - 1, loss=loss
-    )
-    return unravel(-step), new_state
-
-  return optax.GradientTransformationExtraArgs(init, update)
-
-
-def task_dense_gauss_newton(task: Pinn, **kwargs) -> optax.GradientTransformationExtraArgs:
-  """:func:`dense_gauss_newton` on a :class:`Pinn`'s weighted residuals."""
-
-  def residual_fn(params, x_interior, x_boundary):
-    res = task.model_fn(params, x_interior, x_boundary)
-    return jnp.concatenate(
-      [
-        res["interior"] / np.sqrt(x_interior.shape[0]),
-        res["boundary"] / np.sqrt(x_boundary.shape[0]),
-      ]
-    )
-
-  return dense_gauss_newton(residual_fn, task.weighted_residuals_and_jacobian, **kwargs)
 
 
 # ---------------------------------------------------------------- report and plots

@@ -140,7 +140,7 @@ SMOKE_OVERRIDES = {
       "task.num_boundary=16",
       "task.eval_factor=2",
       "task.plot_grid=9",
-      "optimizers.1.nystrom_rank=8",
+      "optimizers.1.solver.max_steps=8",
       *(["task.num_initial=16"] if problem == "heat" else []),
     ]
     for problem in ("poisson2d", "heat", "poisson5d")

@@ -9,6 +9,13 @@ import scipy.optimize
 from helpers import dense_ggn, regression_problem
 from jax.flatten_util import ravel_pytree
 
+from curvopt import (
+  CG,
+  GGN,
+  DiagonalPreconditioner,
+  LevenbergMarquardt,
+  MartensDiagonal,
+)
 from curvopt.curvature.products import hvp_fn
 from curvopt.optimizers.newton_cg import (
   NewtonCGState,
@@ -86,9 +93,7 @@ def test_digits_logistic_regression_as_few_iterations_as_scipy():
 
   tx = newton_cg(
     curvature="hessian",
-    damping=0.0,
-    adapt_damping=False,
-    accept_ratio=None,
+    damping=LevenbergMarquardt(init=0.0, adapt=False, accept_ratio=None),
     cg_tol="forcing",
     cg_max_steps=200,
     warm_start=0.0,
@@ -186,12 +191,8 @@ def test_direction_matches_dense_solve(curvature):
     curvature,
     model_fn=model_fn,
     loss_fn=loss_fn,
-    damping=lam,
-    adapt_damping=False,
-    accept_ratio=None,
-    cg_tol=1e-12,
-    cg_progress_tol=None,
-    cg_max_steps=200,
+    damping=LevenbergMarquardt(init=lam, adapt=False, accept_ratio=None),
+    solver=CG(tol=1e-12, progress_tol=None, max_steps=200),
   )
   kwargs = {} if curvature == "ggn" else {"value_fn": value_fn}
   update = jax.jit(lambda g, s, p, x, y: tx.update(g, s, p, x=x, y=y, **kwargs))
@@ -208,9 +209,9 @@ def test_direction_matches_dense_solve(curvature):
     c = per_ex.T @ per_ex / x.shape[0]
   expected = np.linalg.solve(c + lam * np.eye(flat.size), ravel_pytree(g)[0])
   np.testing.assert_allclose(ravel_pytree(d)[0], expected, rtol=1e-7, atol=1e-10)
-  # rho against its definition with the dense damped quadratic.
+  # rho against its definition with the dense undamped quadratic model.
   dd = ravel_pytree(d)[0]
-  predicted = -ravel_pytree(g)[0] @ dd + 0.5 * dd @ (c + lam * np.eye(flat.size)) @ dd
+  predicted = -ravel_pytree(g)[0] @ dd + 0.5 * dd @ c @ dd
   np.testing.assert_allclose(state.rho, (fv(flat - dd) - fv(flat)) / predicted, rtol=1e-7)
 
 
@@ -218,16 +219,21 @@ def test_custom_curvature_protocol_and_preconditioners_agree():
   params, x, y, model_fn, loss_fn = regression_problem(1)
   value_fn = value_fn_from_model(model_fn, loss_fn)
   g = jax.grad(value_fn)(params, x=x, y=y)
-  common = dict(
-    damping=5.0, adapt_damping=False, accept_ratio=None, cg_tol=1e-12, cg_progress_tol=None
-  )
-  hessian = scale_by_newton_cg("hessian", **common)
+  damping = LevenbergMarquardt(init=5.0, adapt=False, accept_ratio=None)
+  cg = lambda preconditioner=None: CG(tol=1e-12, progress_tol=None, preconditioner=preconditioner)
+  hessian = scale_by_newton_cg("hessian", damping=damping, solver=cg())
   reference, _ = hessian.update(g, hessian.init(params), params, value_fn=value_fn, x=x, y=y)
+  ones = DiagonalPreconditioner(lambda p, objective, data: optax.tree.ones_like(p))
   variants = [
-    scale_by_newton_cg(lambda p, objective, data: hvp_fn(objective, p), **common),
-    scale_by_newton_cg("hessian", preconditioner="martens", **common),
+    scale_by_newton_cg(lambda p, o, d: hvp_fn(o, p), damping=damping, solver=cg()),
+    scale_by_newton_cg("hessian", damping=damping, solver=cg(MartensDiagonal())),
+    scale_by_newton_cg("hessian", damping=damping, solver=cg(ones)),
+    # The shortcuts build the same parts.
     scale_by_newton_cg(
-      "hessian", preconditioner=lambda p, objective, data: optax.tree.ones_like(p), **common
+      "hessian",
+      damping=damping,
+      cg_tol=1e-12,
+      preconditioner=lambda p, objective, data: optax.tree.ones_like(p),
     ),
   ]
   for tx in variants:
@@ -240,7 +246,7 @@ def test_damping_adapts_from_rho():
   # Exact quadratic: rho = 1 > 3/4, damping shrinks by the default 1/3 each step down to the
   # bound.
   f = lambda x: jnp.sum((x - 1.0) ** 2)
-  tx = newton_cg(curvature="hessian", damping=1.0, damping_bounds=(0.02, 10.0))
+  tx = newton_cg(curvature="hessian", damping=LevenbergMarquardt(bounds=(0.02, 10.0)))
   x, state = jnp.zeros(2), tx.init(jnp.zeros(2))
   dampings = []
   for _ in range(4):
@@ -278,15 +284,14 @@ def test_chains_with_backtracking_linesearch_under_jit():
   params, x, y, model_fn, loss_fn = regression_problem(3)
   value_fn = lambda p, x, y: loss_fn(model_fn(p, x), y)
   by_hand = optax.chain(
-    scale_by_newton_cg("hessian", damping=1e-2, accept_ratio=None),
+    scale_by_newton_cg("hessian", damping=LevenbergMarquardt(init=1e-2, accept_ratio=None)),
     optax.scale(-1.0),
     optax.scale_by_backtracking_linesearch(max_backtracking_steps=20),
   )
   wrapped = newton_cg(
     model_fn=model_fn,
     loss_fn=loss_fn,
-    damping=1e-2,
-    accept_ratio=None,
+    damping=LevenbergMarquardt(init=1e-2, accept_ratio=None),
     linesearch=optax.scale_by_backtracking_linesearch(max_backtracking_steps=20),
   )
   for tx, kwargs in [(by_hand, {"value_fn": value_fn}), (wrapped, {})]:
@@ -345,18 +350,17 @@ def test_curvature_batch_size_uses_rotating_chunk(preconditioner):
   g = jax.grad(value_fn)(params, x=x, y=y)
   lam = 0.2
   tx = scale_by_newton_cg(
-    "ggn",
+    GGN(batch_size=16),
     model_fn=model_fn,
     loss_fn=loss_fn,
-    damping=lam,
-    adapt_damping=False,
-    accept_ratio=None,
-    cg_tol=1e-12,
-    cg_progress_tol=None,
-    cg_max_steps=200,
-    warm_start=0.0,
-    preconditioner=preconditioner,
-    curvature_batch_size=16,
+    damping=LevenbergMarquardt(init=lam, adapt=False, accept_ratio=None),
+    solver=CG(
+      tol=1e-12,
+      progress_tol=None,
+      max_steps=200,
+      warm_start=0.0,
+      preconditioner=preconditioner and MartensDiagonal(),
+    ),
   )
   update = jax.jit(lambda g, s, p, x, y: tx.update(g, s, p, x=x, y=y))
   # count = 3 wraps around to the first chunk (48 // 16 = 3 chunks).
@@ -371,7 +375,7 @@ def test_curvature_batch_size_uses_rotating_chunk(preconditioner):
     # rho measures the full-batch loss against the chunk-curvature model.
     fv = lambda v: value_fn(ravel_pytree(params)[1](v), x=x, y=y)
     flat = ravel_pytree(params)[0]
-    predicted = -flat_g @ expected + 0.5 * expected @ (c + lam * np.eye(flat.size)) @ expected
+    predicted = -flat_g @ expected + 0.5 * expected @ c @ expected
     np.testing.assert_allclose(state.rho, (fv(flat - expected) - fv(flat)) / predicted, rtol=1e-6)
   assert update._cache_size() == 1
 
@@ -379,14 +383,16 @@ def test_curvature_batch_size_uses_rotating_chunk(preconditioner):
 def test_curvature_batch_size_misuse():
   params, x, y, model_fn, loss_fn = regression_problem(0, n=8)
   g = jax.grad(value_fn_from_model(model_fn, loss_fn))(params, x=x, y=y)
-  tx = scale_by_newton_cg("ggn", model_fn=model_fn, loss_fn=loss_fn, curvature_batch_size=16)
+  tx = scale_by_newton_cg(GGN(batch_size=16), model_fn=model_fn, loss_fn=loss_fn)
   with pytest.raises(ValueError, match="exceeds the 8 examples"):
     tx.update(g, tx.init(params), params, x=x, y=y)
-  tx = scale_by_newton_cg("ggn", model_fn=model_fn, loss_fn=loss_fn, curvature_batch_size=4)
+  tx = scale_by_newton_cg(GGN(batch_size=4), model_fn=model_fn, loss_fn=loss_fn)
   with pytest.raises(ValueError, match="same leading example axis"):
     tx.update(g, tx.init(params), params, x=x, y=y[:6])
-  with pytest.raises(ValueError, match="curvature_batch_size"):
-    scale_by_newton_cg("ggn", model_fn=model_fn, loss_fn=loss_fn, curvature_batch_size=0)
+  with pytest.raises(ValueError, match="GGN.batch_size"):
+    GGN(batch_size=0)
+  with pytest.raises(TypeError, match=r"curvature_batch_size -> curvature=curvopt.GGN\(batch_size"):
+    scale_by_newton_cg("ggn", model_fn=model_fn, loss_fn=loss_fn, curvature_batch_size=4)
 
 
 def test_cg_backtracking_through_newton_cg_picks_best_saved_iterate():
@@ -398,14 +404,8 @@ def test_cg_backtracking_through_newton_cg_picks_best_saved_iterate():
   tx = newton_cg(
     model_fn=model_fn,
     loss_fn=loss_fn,
-    damping=lam,
-    adapt_damping=False,
-    accept_ratio=None,
-    cg_tol=0.0,
-    cg_progress_tol=None,
-    cg_max_steps=max_steps,
-    warm_start=0.0,
-    cg_backtracking=True,
+    damping=LevenbergMarquardt(init=lam, adapt=False, accept_ratio=None),
+    solver=CG(tol=0.0, progress_tol=None, max_steps=max_steps, warm_start=0.0, backtracking=True),
   )
   g = jax.grad(value_fn)(params, x=x, y=y)
   update = jax.jit(lambda g, s, p: tx.update(g, s, p, x=x, y=y))
@@ -434,7 +434,7 @@ def test_cg_backtracking_through_newton_cg_picks_best_saved_iterate():
 def test_chains_with_zoom_linesearch_under_jit():
   params, x, y, model_fn, loss_fn = regression_problem(6)
   value_fn = value_fn_from_model(model_fn, loss_fn)
-  common = dict(damping=1e-2, accept_ratio=None, cg_max_steps=30)
+  common = dict(damping=LevenbergMarquardt(init=1e-2, accept_ratio=None), cg_max_steps=30)
   wrapped = newton_cg(
     model_fn=model_fn,
     loss_fn=loss_fn,
@@ -480,9 +480,7 @@ def test_float32_run_stays_float32_and_matches_float64_solve():
     model_fn=model_fn,
     loss_fn=loss_fn,
     damping=lam,
-    cg_tol=1e-6,
-    cg_max_steps=50,
-    cg_progress_tol=None,
+    solver=CG(tol=1e-6, max_steps=50, progress_tol=None),
   )
 
   @jax.jit
@@ -521,7 +519,7 @@ def test_misuse_raises_with_the_fix():
     newton_cg(curvature="newton")
   with pytest.raises(ValueError, match="preconditioner"):
     scale_by_newton_cg("hessian", preconditioner="jacobi")
-  with pytest.raises(ValueError, match="cg_tol"):
+  with pytest.raises(ValueError, match="CG.tol must be a number >= 0 or 'forcing'"):
     scale_by_newton_cg("hessian", cg_tol="fast")
   tx = scale_by_newton_cg("hessian")
   with pytest.raises(ValueError, match="value_fn"):
@@ -554,9 +552,9 @@ def test_traced_hyperparameters_skip_construction_checks():
   # Under jit a hyper-parameter may be a tracer: no Python bool of it is taken.
   f = lambda x: jnp.sum((x - 1.0) ** 2)
   step = jax.jit(
-    lambda x, lam, ratio: newton_cg(curvature="hessian", damping=lam, accept_ratio=ratio).update(
-      jax.grad(f)(x), newton_cg(curvature="hessian", damping=lam).init(x), x, value_fn=f
-    )[0]
+    lambda x, lam, ratio: newton_cg(
+      curvature="hessian", damping=LevenbergMarquardt(init=lam, accept_ratio=ratio)
+    ).update(jax.grad(f)(x), newton_cg(curvature="hessian", damping=lam).init(x), x, value_fn=f)[0]
   )
   np.testing.assert_allclose(step(jnp.zeros(2), 0.0, 0.0), np.ones(2), rtol=1e-8)
   with pytest.raises(ValueError, match="damping must be >= 0"):
@@ -584,10 +582,9 @@ def test_flax_nnx_module_model_fn_with_batchnorm_without_split_merge():
     model_fn=lambda m, x: m(x),
     loss_fn=loss_fn,
     module=model,
-    damping=1e-2,
-    accept_ratio=None,  # the first step is then the plain damped solve, checked below
-    cg_tol=1e-10,
-    cg_progress_tol=None,
+    # The first step is then the plain damped solve, checked below.
+    damping=LevenbergMarquardt(init=1e-2, accept_ratio=None),
+    solver=CG(tol=1e-10, progress_tol=None),
   )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -637,33 +634,26 @@ def test_preconditioner_batch_size_takes_the_first_rows_of_the_curvature_chunk()
   common = dict(
     model_fn=model_fn,
     loss_fn=loss_fn,
-    damping=0.1,
-    adapt_damping=False,
-    accept_ratio=None,
-    cg_max_steps=3,
-    cg_tol=0.0,
-    cg_progress_tol=None,
-    curvature_batch_size=16,
+    damping=LevenbergMarquardt(init=0.1, adapt=False, accept_ratio=None),
+  )
+  cg = lambda preconditioner: CG(
+    max_steps=3, tol=0.0, progress_tol=None, preconditioner=preconditioner
   )
   state = lambda tx: tx.init(params)._replace(count=jnp.asarray(1, jnp.int32))
-  ours = scale_by_newton_cg("ggn", preconditioner="martens", preconditioner_batch_size=8, **common)
-  ref = scale_by_newton_cg("ggn", preconditioner=loop_diagonal, **common)
-  whole = scale_by_newton_cg("ggn", preconditioner="martens", **common)
+  ours = scale_by_newton_cg(GGN(16), solver=cg(MartensDiagonal(batch_size=8)), **common)
+  ref = scale_by_newton_cg(GGN(16), solver=cg(DiagonalPreconditioner(loop_diagonal)), **common)
+  whole = scale_by_newton_cg(GGN(16), solver=cg(MartensDiagonal()), **common)
   d, _ = jax.jit(lambda s: ours.update(g, s, params, x=x, y=y))(state(ours))
   d_ref, _ = ref.update(g, state(ref), params, x=x, y=y)
   d_whole, _ = whole.update(g, state(whole), params, x=x, y=y)
   np.testing.assert_allclose(ravel_pytree(d)[0], ravel_pytree(d_ref)[0], rtol=1e-9)
   assert not np.allclose(ravel_pytree(d)[0], ravel_pytree(d_whole)[0], rtol=1e-6)
 
-  with pytest.raises(ValueError, match="preconditioner='martens'"):
-    scale_by_newton_cg("ggn", model_fn=model_fn, loss_fn=loss_fn, preconditioner_batch_size=8)
   tx = scale_by_newton_cg(
-    "ggn",
+    GGN(batch_size=16),
     model_fn=model_fn,
     loss_fn=loss_fn,
-    preconditioner="martens",
-    curvature_batch_size=16,
-    preconditioner_batch_size=32,
+    preconditioner=MartensDiagonal(batch_size=32),
   )
-  with pytest.raises(ValueError, match="preconditioner_batch_size=32 exceeds the 16 examples"):
+  with pytest.raises(ValueError, match="MartensDiagonal.batch_size=32 exceeds the 16 examples"):
     tx.update(g, tx.init(params), params, x=x, y=y)

@@ -13,7 +13,12 @@ import pytest
 from helpers import dense_ggn, regression_problem
 from jax.flatten_util import ravel_pytree
 
-from curvopt.optimizers import curvatures, damping, solvers
+import curvopt
+from curvopt import CG, GGN, Dense, Hessian, LevenbergMarquardt, NystromPreconditioner
+from curvopt.linalg.cg import CGResult, conjugate_gradient
+from curvopt.linalg.flat import flat_layout
+from curvopt.linalg.solvers import SolverKind, System
+from curvopt.optimizers import damping
 from curvopt.optimizers.newton_cg import newton_cg, scale_by_newton_cg, value_fn_from_model
 
 
@@ -59,9 +64,7 @@ def test_curvature_along_a_cg_solution_is_its_rayleigh_quotient():
   b = np.random.default_rng(2).normal(size=6)
   # Three CG iterations from zero (a Krylov iterate, not the solution).
   result = jax.jit(
-    lambda b: solvers.cg_solver(solvers.SolverOptions(max_steps=3, progress_tol=None)).solve(
-      lambda v: jnp.asarray(a) @ v, b, 0.0, None, None, tol=0.0
-    )
+    lambda b: conjugate_gradient(lambda v: jnp.asarray(a) @ v, b, max_steps=3, tol=0.0)
   )(jnp.asarray(b))
   d = np.asarray(result.x)
   np.testing.assert_allclose(damping.curvature_along(result.x, jnp.asarray(b)), d @ a @ d / (d @ d))
@@ -96,173 +99,156 @@ def test_martens_diagonal_and_diagonal_preconditioner_against_loops():
 # ------------------------------------------------------------------------------ solvers
 
 
-def _pytree_operator(a):
-  """``a`` acting on ``{"u": v[:2], "v": v[2:].reshape(-1, 1)}`` pytrees."""
-  split = lambda v: {"u": v[:2], "v": v[2:].reshape(-1, 1)}
-  matvec = lambda t: split(jnp.asarray(a) @ ravel_pytree(t)[0])
-  return split, matvec
+def _system(a, like):
+  """A :class:`System` for ``a`` acting on pytrees shaped like ``like`` (packed, as Newton-CG)."""
+  pack, unpack = flat_layout(like)
+  matvec = lambda v: pack(
+    jax.tree.map(lambda _, w: w, like, unpack_flat(jnp.asarray(a) @ ravel_pytree(unpack(v))[0]))
+  )
+  unpack_flat = ravel_pytree(like)[1]
+  return System(matvec=matvec, like=pack(like)), pack, unpack
+
+
+def _tree(v):
+  return {"u": v[:2], "v": v[2:].reshape(-1, 1)}
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.3])
-def test_dense_solver_equals_linalg_solve(lam):
+def test_dense_params_from_products_equals_linalg_solve(lam):
   a = _spd(7, 3)
-  split, matvec = _pytree_operator(a)
-  b = split(jnp.asarray(np.random.default_rng(4).normal(size=7)))
-  solver = solvers.dense_solver(solvers.SolverOptions())
-  _, work = solver.prepare(matvec, b, (), jnp.zeros((), jnp.int32))
-  result = jax.jit(lambda b, lam: solver.solve(matvec, b, lam, None, work))(b, lam)
+  b = _tree(jnp.asarray(np.random.default_rng(4).normal(size=7)))
+  system, pack, unpack = _system(a, b)
+  solver = Dense()
+  _, work = solver.prepare(system, (), jnp.zeros((), jnp.int32))
+  result = jax.jit(lambda b, lam: solver.solve(system, work, pack(b), lam, None))(b, lam)
   flat_b = ravel_pytree(b)[0]
   expected = np.linalg.solve(a + lam * np.eye(7), flat_b)
-  np.testing.assert_allclose(ravel_pytree(result.x)[0], expected, rtol=1e-10)
+  np.testing.assert_allclose(ravel_pytree(unpack(result.x))[0], expected, rtol=1e-10)
   np.testing.assert_allclose(result.quadratic_value, -0.5 * flat_b @ expected, rtol=1e-10)
-  assert not bool(result.negative_curvature)
+  assert not bool(result.negative_curvature) and int(result.status) == curvopt.SolverStatus.DIRECT
 
 
-def test_dense_solver_on_indefinite_matrix_is_saddle_free_and_flags_it():
+def test_dense_on_indefinite_matrix_is_saddle_free_and_flags_it():
   a = np.diag([2.0, -1.0, 4.0])
   b = jnp.asarray([1.0, 1.0, 1.0])
-  solver = solvers.dense_solver(solvers.SolverOptions())
-  _, work = solver.prepare(lambda v: jnp.asarray(a) @ v, b, (), 0)
-  result = solver.solve(None, b, 0.5, None, work)
-  np.testing.assert_allclose(result.x, [1 / 2.5, 1 / 1.5, 1 / 4.5])
+  system, pack, _ = _system(a, b)
+  _, work = Dense().prepare(system, (), 0)
+  result = Dense().solve(system, work, pack(b), 0.5, None)
+  # |eigenvalues of A| + damping: 2.5, 1.5, 4.5 (Dauphin et al.'s saddle-free step).
+  np.testing.assert_allclose(result.x[0], [1 / 2.5, 1 / 1.5, 1 / 4.5])
   assert bool(result.negative_curvature) and float(result.min_curvature) == -0.5
+  assert int(result.status) == curvopt.SolverStatus.INDEFINITE
 
 
-def test_nystrom_solver_is_exact_on_a_low_rank_curvature():
+def test_nystrom_preconditioned_cg_is_exact_on_a_low_rank_curvature():
   # C of rank 3 is captured exactly by a rank-3 sketch: P^-1 (C + mu I) has two distinct
   # eigenvalues, so preconditioned CG solves in two steps.
   rng = np.random.default_rng(5)
   u = np.linalg.qr(rng.normal(size=(9, 3)))[0]
   c = u @ np.diag([5.0, 2.0, 0.5]) @ u.T
-  split, matvec = _pytree_operator(c)
-  params = split(jnp.zeros(9))
+  b = _tree(jnp.asarray(rng.normal(size=9)))
+  system, pack, unpack = _system(c, b)
   mu = 0.1
-  solver = solvers.nystrom_solver(solvers.SolverOptions(rank=3, progress_tol=None))
-  b = split(jnp.asarray(rng.normal(size=9)))
+  solver = CG(tol=1e-10, progress_tol=None, preconditioner=NystromPreconditioner(rank=3))
 
   @jax.jit
-  def solve(params, b):
-    state, work = solver.prepare(matvec, params, solver.init(params), jnp.zeros((), jnp.int32))
-    return state, solver.solve(matvec, b, mu, None, work, tol=1e-10)
+  def solve(b):
+    state, work = solver.prepare(system, solver.init(system.like), jnp.zeros((), jnp.int32))
+    return state, solver.solve(system, work, pack(b), mu, None)
 
-  state, result = solve(params, b)
-  np.testing.assert_allclose(state.approximation.eigenvalues, [5.0, 2.0, 0.5], rtol=1e-8)
+  state, result = solve(b)
+  np.testing.assert_allclose(state[0].eigenvalues, [5.0, 2.0, 0.5], rtol=1e-8)
   assert int(result.num_steps) <= 2
   np.testing.assert_allclose(
-    ravel_pytree(result.x)[0], np.linalg.solve(c + mu * np.eye(9), ravel_pytree(b)[0]), rtol=1e-8
+    ravel_pytree(unpack(result.x))[0],
+    np.linalg.solve(c + mu * np.eye(9), ravel_pytree(b)[0]),
+    rtol=1e-8,
   )
 
 
 def test_nystrom_state_refreshes_every_k_updates():
   a = _spd(5, 6)
-  solver = solvers.nystrom_solver(solvers.SolverOptions(rank=2, refresh_every=3))
-  matvec = lambda v: jnp.asarray(a) @ v
-  params = jnp.zeros(5)
-  state = solver.init(params)
-  prepare = jax.jit(solver.prepare, static_argnums=0)
+  system, _, _ = _system(a, jnp.zeros(5))
+  preconditioner = NystromPreconditioner(rank=2, refresh=3)
+  state = preconditioner.init(system.like)
+  prepare = jax.jit(lambda state, count: preconditioner.prepare(system, state, count))
   eigenvalues = []
   for count in range(7):
-    state, _ = prepare(matvec, params, state, jnp.asarray(count))
-    eigenvalues.append(np.asarray(state.approximation.eigenvalues))
+    state, _ = prepare(state, jnp.asarray(count))
+    eigenvalues.append(np.asarray(state[0].eigenvalues))
   # New sketches (new keys) at counts 0, 3 and 6 only; the top eigenvalue is close to a's.
   changed = [not np.array_equal(eigenvalues[i], eigenvalues[i - 1]) for i in range(1, 7)]
   assert changed == [False, False, True, False, False, True]
   assert eigenvalues[0][0] <= np.linalg.eigvalsh(a)[-1] * (1 + 1e-10)
 
 
-@pytest.mark.parametrize("solver", ["cg", "nystrom", "dense"])
-def test_newton_cg_solvers_agree_with_the_dense_damped_solve(solver):
-  params, x, y, model_fn, loss_fn = regression_problem(n=24)
-  value_fn = value_fn_from_model(model_fn, loss_fn)
-  g = jax.grad(value_fn)(params, x=x, y=y)
-  lam = 0.05
-  tx = scale_by_newton_cg(
-    "ggn",
-    model_fn=model_fn,
-    loss_fn=loss_fn,
-    damping=lam,
-    adapt_damping=False,
-    accept_ratio=None,
-    solver=solver,
-    cg_tol=1e-12,
-    cg_progress_tol=None,
-    nystrom_rank=8,
-  )
-  d, state = jax.jit(lambda g, s, p: tx.update(g, s, p, x=x, y=y))(g, tx.init(params), params)
-  c = dense_ggn(params, x, y, model_fn, loss_fn)
-  flat_g = ravel_pytree(g)[0]
-  expected = np.linalg.solve(c + lam * np.eye(flat_g.size), flat_g)
-  np.testing.assert_allclose(ravel_pytree(d)[0], expected, rtol=1e-7, atol=1e-10)
-  if solver == "nystrom":  # the sketch is kept in the state
-    assert state.solver_state.approximation.eigenvalues.shape == (8,)
-
-
-def test_a_linalg_solve_fn_plugs_in_as_the_solver():
-  # Any function following curvopt.linalg.solve's protocol is a solver: here a Jacobi-
-  # preconditioned Richardson iteration written by the user.
+def test_a_user_solver_is_one_class_following_the_protocol():
+  # A Jacobi-free Richardson iteration written by the user: init, resolve, prepare,
+  # initial_guess and solve on the packed vectors.
   params, x, y, model_fn, loss_fn = regression_problem(1, n=24)
   value_fn = value_fn_from_model(model_fn, loss_fn)
   g = jax.grad(value_fn)(params, x=x, y=y)
   lam = 0.5
 
-  def richardson(matvec, b, x0=None, *, damping=0.0, preconditioner=None, max_steps=100, tol=0):
-    del x0, preconditioner, tol
-    # A user's solver sees pytrees shaped like the parameters (built-in ones run packed).
-    assert jax.tree.structure(b) == jax.tree.structure(params)
-    damped = lambda v: optax.tree.add_scale(matvec(v), damping, v)
-    x = optax.tree.zeros_like(b)
-    for _ in range(3):  # a fixed, small number of sweeps
-      x = optax.tree.add_scale(x, 0.2, optax.tree.sub(b, damped(x)))
-    quad = 0.5 * optax.tree.vdot(x, damped(x)) - optax.tree.vdot(b, x)
-    zero = jnp.zeros((), jnp.int32)
-    return solvers.CGResult(x, zero, quad, quad, zero, False, True, zero, jnp.inf)
+  class Richardson:
+    kind = SolverKind.OTHER
 
+    def init(self, like):
+      return ()
+
+    def resolve(self, system):
+      return self
+
+    def prepare(self, system, state, count):
+      return state, None
+
+    def initial_guess(self, previous):
+      return None
+
+    def solve(self, system, work, b, damping, x0, *, backtrack_fn=None):
+      damped = lambda v: optax.tree.add_scale(system.matvec(v), damping, v)
+      x = optax.tree.zeros_like(b)
+      for _ in range(3):  # a fixed, small number of sweeps
+        x = optax.tree.add_scale(x, 0.2, optax.tree.sub(b, damped(x)))
+      quad = 0.5 * optax.tree.vdot(x, damped(x)) - optax.tree.vdot(b, x)
+      zero = jnp.zeros((), jnp.int32)
+      return CGResult(x, zero, quad, quad, zero, False, True, zero, jnp.inf)
+
+  policy = LevenbergMarquardt(init=lam, accept_ratio=None)
   tx = scale_by_newton_cg(
-    "ggn", model_fn=model_fn, loss_fn=loss_fn, damping=lam, accept_ratio=None, solver=richardson
+    "ggn", model_fn=model_fn, loss_fn=loss_fn, damping=policy, solver=Richardson()
   )
-  d, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, x=x, y=y))(g, tx.init(params), params)
+  d, state = jax.jit(lambda g, s, p: tx.update(g, s, p, x=x, y=y))(g, tx.init(params), params)
   c = dense_ggn(params, x, y, model_fn, loss_fn) + lam * np.eye(ravel_pytree(g)[0].size)
   expected, flat_g = np.zeros_like(c[0]), np.asarray(ravel_pytree(g)[0])
   for _ in range(3):
     expected = expected + 0.2 * (flat_g - c @ expected)
   np.testing.assert_allclose(ravel_pytree(d)[0], expected, rtol=1e-8)
-  # The library's dense solve, through the same protocol, is the exact damped solve.
-  from curvopt.linalg.dense import dense_solve
-
-  tx = scale_by_newton_cg(
-    "ggn", model_fn=model_fn, loss_fn=loss_fn, damping=lam, accept_ratio=None, solver=dense_solve
-  )
-  d, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, x=x, y=y))(g, tx.init(params), params)
-  np.testing.assert_allclose(ravel_pytree(d)[0], np.linalg.solve(c, flat_g), rtol=1e-8)
+  assert int(state.solver) == SolverKind.OTHER
 
 
-# ---------------------------------------------------------------------------- registries
+# ------------------------------------------------------------------------------- the parts
 
 
-def test_a_new_curvature_is_one_function_and_one_entry(monkeypatch):
+def test_a_new_curvature_is_one_value_with_an_operator():
   params, x, y, model_fn, loss_fn = regression_problem(2, n=24)
   value_fn = value_fn_from_model(model_fn, loss_fn)
   g = jax.grad(value_fn)(params, x=x, y=y)
 
-  def gauss_newton_diagonal(spec):  # the diagonal of the GGN, by one product per coordinate
-    def curvature(params, objective, data):
-      matvec = curvatures.ggn(spec)(params, objective, data)
+  class GaussNewtonDiagonal:  # the diagonal of the GGN, by one product per coordinate
+    def operator(self, params, problem, value_fn, data, count):
+      op = GGN().operator(params, problem, value_fn, data, count)
       flat, unravel = ravel_pytree(params)
-      diag = jax.vmap(lambda e: ravel_pytree(matvec(unravel(e)))[0] @ e)(jnp.eye(flat.size))
-      return lambda v: unravel(diag * ravel_pytree(v)[0])
+      diag = jax.vmap(lambda e: ravel_pytree(op.matvec(unravel(e)))[0] @ e)(jnp.eye(flat.size))
+      matvec = lambda v: unravel(diag * ravel_pytree(v)[0])
+      return op._replace(matvec=matvec, factor=None)
 
-    return curvature
-
-  monkeypatch.setitem(curvatures.CURVATURES, "ggn_diagonal", gauss_newton_diagonal)
   tx = scale_by_newton_cg(
-    "ggn_diagonal",
+    GaussNewtonDiagonal(),
     model_fn=model_fn,
     loss_fn=loss_fn,
-    damping=0.1,
-    adapt_damping=False,
-    accept_ratio=None,
-    cg_tol=1e-12,
-    cg_progress_tol=None,
+    damping=LevenbergMarquardt(init=0.1, adapt=False, accept_ratio=None),
+    solver=CG(tol=1e-12, progress_tol=None),
   )
   d, _ = tx.update(g, tx.init(params), params, x=x, y=y)
   diag = np.diag(dense_ggn(params, x, y, model_fn, loss_fn))
@@ -276,17 +262,18 @@ def test_newton_cg_signature_lists_every_option_with_its_default():
   for name, p in inner.items():
     assert outer[name].default == p.default and outer[name].annotation == p.annotation, name
     assert outer[name].kind == inspect.Parameter.KEYWORD_ONLY
-  # The docstring documents every option.
-  for name in inner:
+  # The docstrings document every option.
+  for name in [*outer]:
     assert f"    {name}:" in newton_cg.__doc__, name
 
 
-def test_newton_cg_forwards_options_it_used_to_drop():
+def test_parts_reach_the_update():
   f = lambda x: jnp.sum((x - 1.0) ** 4) + jnp.sum(x**2)
   x = jnp.zeros(3)
   g = jax.grad(f)(x)
-  tx = newton_cg(curvature="hessian", damping_decrease=0.1, hvp_mode="rev_rev")
-  ref = scale_by_newton_cg("hessian", damping_decrease=0.1, hvp_mode="rev_rev")
+  parts = dict(curvature=Hessian(mode="rev_rev"), damping=LevenbergMarquardt(decrease=0.1))
+  tx = newton_cg(**parts)
+  ref = scale_by_newton_cg(**parts)
   (u, state), (d, ref_state) = jax.jit(
     lambda g, x: (
       tx.update(g, tx.init(x), x, value_fn=f),
@@ -294,7 +281,50 @@ def test_newton_cg_forwards_options_it_used_to_drop():
     )
   )(g, x)
   np.testing.assert_allclose(u, -d)
-  assert float(ref_state.rho) > 0.75  # so the damping shrank by damping_decrease, not 2/3
+  assert float(ref_state.rho) > 0.75  # so the damping shrank by decrease, not 1/3
   np.testing.assert_allclose(state[0].damping, 0.1)
   with pytest.raises(TypeError, match="damping_decreas"):
     newton_cg(curvature="hessian", damping_decreas=0.1)
+
+
+@pytest.mark.parametrize(
+  "call, match",
+  [
+    # A shortcut that conflicts with an explicit part is a named error.
+    (lambda: newton_cg(curvature="hessian", solver=CG(), cg_tol=1e-3), r"cg_tol.*solver=CG"),
+    (lambda: newton_cg(curvature="hessian", solver="dense", cg_max_steps=5), "apply to CG"),
+    (lambda: newton_cg(curvature="hessian", solver="dense", preconditioner="martens"), "CG"),
+    (
+      lambda: newton_cg(curvature="hessian", damping=LevenbergMarquardt(), adapt_damping=False),
+      r"LevenbergMarquardt\(adapt=",
+    ),
+    (lambda: newton_cg(curvature="hessian", solver="nystrom", preconditioner="martens"), "Nystr"),
+    (lambda: newton_cg(curvature="hessian", solver="gmres"), "Unknown solver"),
+    # Each part validates its own options.
+    (lambda: CG(max_steps=0), "CG.max_steps"),
+    (lambda: CG(warm_start=2.0), r"CG.warm_start must be in \[0, 1\]"),
+    (lambda: Dense(space="rows"), "Dense.space"),
+    (lambda: LevenbergMarquardt(bounds=(1.0, 0.1)), "bounds"),
+    (lambda: LevenbergMarquardt(decrease=2.0), "decrease"),
+    (lambda: Hessian(mode="fwd_fwd"), "Hessian mode"),
+    (lambda: NystromPreconditioner(rank=0), "rank"),
+  ],
+)
+def test_an_option_that_does_not_apply_cannot_reach_a_part(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+@pytest.mark.parametrize(
+  "old, where",
+  [
+    ("nystrom_rank", "NystromPreconditioner"),
+    ("cg_progress_tol", "CG"),
+    ("accept_ratio", "LevenbergMarquardt"),
+    ("hvp_mode", "Hessian"),
+    ("curvature_batch_size", "GGN"),
+  ],
+)
+def test_options_of_earlier_versions_name_their_new_part(old, where):
+  with pytest.raises(TypeError, match=f"{old} -> .*{where}"):
+    newton_cg(curvature="hessian", **{old: 1})

@@ -9,6 +9,8 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
+import curvopt
+from curvopt.curvature.gram import gauss_newton_rows
 from curvopt.curvature.products import ggn_fn
 from curvopt.experiment import config as config_lib
 from curvopt.experiment import optimizers as opt_lib
@@ -75,21 +77,27 @@ def test_loss_matches_a_dense_hessian_reference(problem):
 
 
 @pytest.mark.parametrize("problem", ["poisson2d", "heat"])
-def test_jacobian_and_gauss_newton_match_the_ggn(problem):
-  """J from per-point gradients = jacfwd of the weighted residuals; JᵀJ v = newton_cg's GGN v."""
+def test_newton_cg_rows_are_the_weighted_residual_jacobian(problem):
+  """newton_cg's per-point rows F = the Jacobian (jacfwd) of the weighted residuals r, with
+  L = ½|r|²: FᵀF = JᵀJ (= the GGN, checked against a product) and Fᵀ r_F = Jᵀ r."""
   task = _task(problem)
   params = task.init_params(jax.random.key(1))
   data = task.train_data
-  r, jac = jax.jit(task.weighted_residuals_and_jacobian)(params, **data)
+  rows = gauss_newton_rows(task.model_fn, task.output_loss, params, data)
+  f = jax.jit(
+    lambda p: jnp.concatenate(
+      [rows.row_fn(i, jnp.arange(g.size)) for i, g in enumerate(rows.groups)]
+    )
+  )(params)
   flat, unravel = ravel_pytree(params)
   res = lambda w: task.model_fn(unravel(w), **data)  # noqa: E731
   n_i, n_b = data["x_interior"].shape[0], data["x_boundary"].shape[0]
   weighted = lambda w: jnp.concatenate(  # noqa: E731
     [res(w)["interior"] / np.sqrt(n_i), res(w)["boundary"] / np.sqrt(n_b)]
   )
-  np.testing.assert_allclose(r, jax.jit(weighted)(flat), rtol=1e-12, atol=1e-14)
-  np.testing.assert_allclose(jac, jax.jit(jax.jacfwd(weighted))(flat), rtol=1e-9, atol=1e-12)
-  np.testing.assert_allclose(0.5 * jnp.sum(r**2), jax.jit(task.loss)(params, **data), rtol=1e-12)
+  jac, r = jax.jit(jax.jacfwd(weighted))(flat), weighted(flat)
+  np.testing.assert_allclose(f.T @ f, jac.T @ jac, rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(f.T @ rows.residual, jac.T @ r, rtol=1e-9, atol=1e-12)
   v = jax.random.normal(jax.random.key(2), flat.shape, flat.dtype)
   ggn_v = jax.jit(
     lambda v: ggn_fn(lambda p: task.model_fn(p, **data), task.output_loss, params)(unravel(v))
@@ -97,15 +105,16 @@ def test_jacobian_and_gauss_newton_match_the_ggn(problem):
   np.testing.assert_allclose(ravel_pytree(ggn_v(v))[0], jac.T @ (jac @ v), rtol=1e-9)
 
 
-def test_dense_gauss_newton_decreases_the_error():
+def test_newton_cg_defaults_take_the_exact_gauss_newton_step_and_decrease_the_error():
   task = _task("poisson2d", num_interior=100, num_boundary=40)
   params = task.init_params(jax.random.key(0))
-  tx = pinn.task_dense_gauss_newton(task)
+  tx = curvopt.newton_cg(model_fn=task.model_fn, loss_fn=task.output_loss)
   state = tx.init(params)
 
   @jax.jit
   def step(params, state):
-    updates, state = tx.update(None, state, params, **task.train_data)
+    value, grads = jax.value_and_grad(task.loss)(params, **task.train_data)
+    updates, state = tx.update(grads, state, params, value=value, **task.train_data)
     return optax.apply_updates(params, updates), state
 
   evaluate = jax.jit(task.evaluate)
@@ -113,7 +122,9 @@ def test_dense_gauss_newton_decreases_the_error():
   losses = []
   for _ in range(15):
     params, state = step(params, state)
-    losses.append(float(state.loss))
+    losses.append(float(state[0].loss))
+    # 140 points, more parameters: the sample-space (Woodbury) form of the same step.
+    assert int(state[0].solver) == curvopt.SolverKind.DENSE_SAMPLES
   after = evaluate(params)
   assert all(b <= a for a, b in zip(losses, losses[1:], strict=False))  # LM never increases it
   assert float(after["l2_error"]) < 0.1 * float(before["l2_error"])
@@ -165,7 +176,9 @@ def test_config_quick_run_decreases_the_error(name, tmp_path):
   cfg.experiment.output_dir = str(tmp_path)
   result = runner.run_experiment(cfg, RUN.TASKS["pinn"](), echo=False)
   recs = result.records
-  ncg = sorted((r for r in recs if r["optimizer"] == "hessian_free"), key=lambda r: r["step"])
+  ncg = sorted(
+    (r for r in recs if r["optimizer"] == "newton_cg (defaults)"), key=lambda r: r["step"]
+  )
   assert [r["step"] for r in ncg] == [0, 8] and ncg[-1]["l2_error"] < 0.9 * ncg[0]["l2_error"]
   assert all(np.isfinite(r["l2_error"]) and r["relative_l2_error"] > 0 for r in recs)
   files = os.listdir(result.run_dir)

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 
+import curvopt
 from curvopt import clipped_grad, clipped_sum_fn, dp_sgd, per_example_grads, sharding
 from curvopt.optimizers.newton_cg import newton_cg
 
@@ -73,7 +74,7 @@ def example_loss(params, example):
   return 0.5 * jnp.sum((model_fn(params, x) - y) ** 2)
 
 
-NEWTON_KWARGS = dict(damping=1e-2, cg_max_steps=12, cg_tol=1e-9, cg_progress_tol=None)
+NEWTON_KWARGS = dict(damping=1e-2, solver=curvopt.CG(max_steps=12, tol=1e-9, progress_tol=None))
 
 
 def _newton_step_fn(curvature, counter):

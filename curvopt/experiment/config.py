@@ -285,6 +285,8 @@ def check_options(opt: Any, path: str) -> None:
   """
   for field_name, allowed in getattr(type(opt), "choices", {}).items():
     value = getattr(opt, field_name)
+    if isinstance(value, Mapping):
+      continue  # a part given with its options, e.g. solver: {name: cg}: checked when built
     if value not in allowed:
       raise ConfigError(
         f"config key '{path}.{field_name}': invalid value {value!r}; allowed values: "

@@ -18,7 +18,7 @@ import enum
 import inspect
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -39,7 +39,7 @@ class OptimizerConfig:
   for this entry (a second-order method takes fewer, costlier steps). ``batch_size`` overrides
   the task's: ``"task"`` (the default) keeps it, ``null`` trains on the full batch, an integer
   draws that many examples per step; ``shuffle: true`` permutes a full batch at every step
-  (Newton-CG's ``curvature_batch_size`` chunks are then fresh random samples).
+  (Newton-CG's ``GGN(batch_size=...)`` chunks are then fresh random samples).
   """
 
   name: str = "?"
@@ -82,8 +82,8 @@ def _config_type(annotation: Any) -> tuple[Any, tuple | None]:
       literals.extend(typing.get_args(m))
     elif m in _SIMPLE:
       simple.append(m)
-    elif m is Any or typing.get_origin(m) in (tuple, list):
-      return Any, None
+    elif m is Any or typing.get_origin(m) in (tuple, list) or dataclasses.is_dataclass(m):
+      return Any, None  # validated by the optimiser (a part value may be given as a mapping)
   if literals and not simple and all(isinstance(v, str) for v in literals):
     kind, choices = str, tuple(literals)
   elif len(simple) == 1 and not literals:
@@ -126,7 +126,9 @@ def schema_from_signature(
     if default is inspect.Parameter.empty:
       raise TypeError(f"{fn.__name__}({param.name}=...) needs a launcher default or exclude=.")
     kind, allowed = _config_type(param.annotation)
-    if param.name == "learning_rate" or (kind is Any and type(default) is float):
+    members = typing.get_args(param.annotation) or (param.annotation,)
+    takes_part = any(dataclasses.is_dataclass(m) for m in members)
+    if param.name == "learning_rate" or (kind is Any and type(default) is float and not takes_part):
       kind = float  # optax.ScalarOrSchedule, or an untyped number: a number from YAML
     if isinstance(default, tuple | list):
       field = dataclasses.field(default_factory=lambda d=list(default): list(d))
@@ -352,6 +354,79 @@ def _build_lbfgs(cfg: LBFGSConfig, task: Any, path: str) -> Method:
 # curvopt's optimisers: schemas derived from their signatures.
 
 
+#: Part names a config may use, and the value each builds (schemas: the classes' fields).
+def _part_registries() -> dict[str, dict[str, Any]]:
+  import curvopt
+
+  return {
+    "curvature": {"hessian": curvopt.Hessian, "ggn": curvopt.GGN, "fisher": curvopt.Fisher},
+    "solver": {
+      "auto": curvopt.Auto,
+      "cg": curvopt.CG,
+      "dense": curvopt.Dense,
+      "dense_samples": lambda **kw: curvopt.Dense(space="samples", **kw),
+      "nystrom": lambda **kw: curvopt.CG(preconditioner=curvopt.NystromPreconditioner(), **kw),
+    },
+    "preconditioner": {
+      "martens": curvopt.MartensDiagonal,
+      "nystrom": curvopt.NystromPreconditioner,
+    },
+  }
+
+
+def _fields(cls: Any) -> list[str]:
+  if dataclasses.is_dataclass(cls):
+    return [f.name for f in dataclasses.fields(cls)]
+  return [n for n in inspect.signature(cls).parameters if n != "kw"]
+
+
+def part_from_config(kind: str, raw: Any, path: str) -> Any:
+  """A Newton-CG part from a config value: a name, or a mapping ``{name: ..., option: ...}``.
+
+  The allowed options are the fields of the part's own class (so the launcher never lags
+  behind the library); nested parts (a CG's ``preconditioner``, an Auto's ``cg``) nest the
+  same way. ``damping`` takes a number or the options of ``LevenbergMarquardt`` (no name).
+
+  Examples:
+    >>> part_from_config("solver", {"name": "cg", "max_steps": 50}, "solver").max_steps
+    50
+  """
+  import curvopt
+
+  if not isinstance(raw, Mapping):
+    registry = _part_registries().get(kind, {})
+    if isinstance(raw, str) and raw not in registry:
+      raise ConfigError(
+        f"config key '{path}': unknown {kind} {raw!r}; allowed values: {sorted(registry)}."
+      )
+    return raw  # a number or a name: newton_cg resolves it (its shortcuts may apply)
+  if kind == "damping":
+    name, cls, options = None, curvopt.LevenbergMarquardt, dict(raw)
+  else:
+    registry = _part_registries()[kind]
+    options = dict(raw)
+    name = options.pop("name", None)
+    if name not in registry:
+      raise ConfigError(
+        f"config key '{path}.name': unknown {kind} {name!r}; allowed values: {sorted(registry)}."
+      )
+    cls = registry[name]
+  allowed = _fields({"nystrom": curvopt.CG, "dense_samples": curvopt.Dense}.get(name, cls))
+  for key, value in list(options.items()):
+    if key not in allowed:
+      raise ConfigError(f"config key '{path}.{key}': unknown option; allowed options: {allowed}.")
+    if key == "preconditioner" and value is not None:
+      options[key] = part_from_config("preconditioner", value, f"{path}.{key}")
+    elif key == "cg":
+      options[key] = part_from_config("solver", {"name": "cg", **dict(value)}, f"{path}.{key}")
+    elif isinstance(value, list):
+      options[key] = tuple(value)
+  try:
+    return cls(**options)
+  except (TypeError, ValueError) as err:
+    raise ConfigError(f"config key '{path}': {err}") from None
+
+
 def _newton_cg_schema() -> type:
   from curvopt import newton_cg
 
@@ -362,10 +437,16 @@ def _newton_cg_schema() -> type:
     extra=[("linesearch", str, "none"), ("max_linesearch_steps", int, 15)],
   )
   schema.choices["linesearch"] = LINESEARCHES
+  for kind in ("curvature", "solver"):  # plain names; mappings are checked when built
+    schema.choices[kind] = tuple(_part_registries()[kind])
   return schema
 
 
 NewtonCGConfig = _newton_cg_schema()
+
+
+def _curvature_name(curvature: Any) -> str:
+  return curvature.get("name") if isinstance(curvature, Mapping) else curvature
 
 
 @register_optimizer("newton_cg", NewtonCGConfig)
@@ -373,14 +454,18 @@ def _build_newton_cg(cfg: Any, task: Any, path: str) -> Method:
   from curvopt import newton_cg
 
   options = options_of(cfg, newton_cg, exclude=("model_fn", "loss_fn", "module", "linesearch"))
-  if cfg.curvature == "ggn":
+  for kind in ("curvature", "solver", "damping", "preconditioner"):
+    if options.get(kind) is not None:
+      options[kind] = part_from_config(kind, options[kind], f"{path}.{kind}")
+  if _curvature_name(cfg.curvature) in ("ggn", None) or not isinstance(options["curvature"], str):
     split = task.gauss_newton_split(cfg.variant)
-    if split is None:
+    if split is not None:
+      options["model_fn"], options["loss_fn"] = split
+    elif _curvature_name(cfg.curvature) == "ggn":
       raise ConfigError(
         f"config key '{path}.curvature': task {type(task).__name__} has no model/loss split, "
         "so curvature='ggn' is not available; use curvature: hessian."
       )
-    options["model_fn"], options["loss_fn"] = split
   tx = newton_cg(**options, linesearch=_linesearch(cfg.linesearch, cfg.max_linesearch_steps))
   return optax_method(task, tx, task.objective(cfg.variant))
 

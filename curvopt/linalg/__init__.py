@@ -3,7 +3,8 @@
 Modules: :mod:`~curvopt.linalg.status` (the :class:`SolverStatus` enumeration),
 :mod:`~curvopt.linalg.cg` (preconditioned truncated conjugate gradient),
 :mod:`~curvopt.linalg.nystrom` (randomized Nyström approximation and preconditioner),
-:mod:`~curvopt.linalg.dense` (dense Cholesky / eigh / least-squares solve for small models),
-:mod:`~curvopt.linalg.solve` (the one-shot solver protocol ``SolveFn``, registry ``SOLVE_FNS``),
+:mod:`~curvopt.linalg.dense` (the dense damped solve, in parameter or sample space),
+:mod:`~curvopt.linalg.flat` (pytrees packed into one vector per dtype),
+:mod:`~curvopt.linalg.solvers` (the solver protocol and values: CG, Dense, Auto),
 :mod:`~curvopt.linalg.layout` (convolutions in XLA:CPU's canonical layout, fast inside loops).
 """

@@ -86,6 +86,37 @@ class _Carry(NamedTuple):
   warm: jax.Array  # this trip computes A x0 for the warm start instead of an iteration
 
 
+class _Options(NamedTuple):
+  """The static options of one solve (see :func:`conjugate_gradient`)."""
+
+  damping: Any
+  max_steps: int
+  tol: Any
+  progress_tol: float | None
+  progress_window: int
+  steihaug: bool
+  backtrack_factor: float
+  recompute_residual_every: int | None
+  unroll: int
+  conv_layout: ConvLayout
+
+
+class _Setup(NamedTuple):
+  """What every iteration reads: the damped operator, the preconditioner and constants."""
+
+  operator: Matvec
+  precond: Matvec
+  b: Any
+  b_norm: jax.Array
+  tol: jax.Array
+  dtype: Any
+  options: _Options
+  schedule: tuple[int, ...]
+
+  def vdot(self, u: Any, v: Any) -> jax.Array:
+    return jnp.real(optax.tree.vdot(u, v)).astype(self.dtype)
+
+
 def _backtrack_schedule(max_steps: int, factor: float) -> tuple[int, ...]:
   """Iterations ``ceil(factor**j)`` at which iterates are saved (Martens 2010 §4.6)."""
   steps, j = [], 0
@@ -157,7 +188,7 @@ def conjugate_gradient(
   (:func:`~curvopt.linalg.layout.canonical_convolutions`), which removes that penalty;
   operators without convolutions are untouched.
 
-  This function follows the solver protocol of :mod:`curvopt.linalg.solve`.
+  Newton-CG uses it through :class:`curvopt.linalg.solvers.CG`.
 
   Args:
     matvec: symmetric linear operator ``v -> Av`` on pytrees shaped like ``b``.
@@ -213,6 +244,45 @@ def conjugate_gradient(
     ICML 2010. van der Vorst and Ye, "Residual replacement strategies for Krylov subspace
     iterative methods for the convergence of true residuals", SIAM J. Sci. Comput. 2000.
   """
+  _check_arguments(
+    b, x0, max_steps, backtrack_fn, backtrack_factor, recompute_residual_every, unroll
+  )
+  options = _Options(
+    damping,
+    max_steps,
+    tol,
+    progress_tol,
+    progress_window,
+    steihaug,
+    backtrack_factor,
+    recompute_residual_every,
+    unroll,
+    conv_layout,
+  )
+  if flatten and len(jax.tree.leaves(b)) > 1:
+    return _solve_packed(matvec, b, x0, preconditioner, backtrack_fn, options)
+  setup = _setup(matvec, b, preconditioner, backtrack_fn is not None, options)
+  c = jax.lax.while_loop(lambda c: ~c.done, _loop_body(setup, x0 is not None), _start(setup, x0))
+  x, phi, selected = c.x, c.phi, c.selected_step
+  if setup.schedule:
+    x, phi, selected = _backtrack(c, backtrack_fn, x, phi, selected, setup.schedule)
+  r_norm = jnp.sqrt(setup.vdot(c.r, c.r))
+  b_norm = setup.b_norm
+  relative = jnp.where(b_norm > 0, r_norm / jnp.where(b_norm > 0, b_norm, 1.0), 0.0)
+  return CGResult(
+    x=x,
+    num_steps=c.k,
+    relative_residual=relative.astype(setup.dtype),
+    quadratic_value=phi,
+    status=c.status,
+    negative_curvature=c.status == _NEGATIVE,
+    converged=(c.status == _RESIDUAL) | (c.status == _PROGRESS),
+    selected_step=selected,
+    min_curvature=c.min_curvature,
+  )
+
+
+def _check_arguments(b, x0, max_steps, backtrack_fn, backtrack_factor, every, unroll) -> None:
   if max_steps < 1:
     raise ValueError(f"max_steps must be a positive integer; got {max_steps!r}.")
   if backtrack_fn is not None and not backtrack_factor > 1:
@@ -222,220 +292,220 @@ def conjugate_gradient(
       f"x0 must have the pytree structure of b; got {jax.tree.structure(x0)} and "
       f"{jax.tree.structure(b)}."
     )
-  for name, value in (("recompute_residual_every", recompute_residual_every), ("unroll", unroll)):
+  for name, value in (("recompute_residual_every", every), ("unroll", unroll)):
     if value is not None and not (isinstance(value, int) and value >= 1):
       raise ValueError(f"{name} must be a positive int; got {value!r}.")
-  if flatten and len(jax.tree.leaves(b)) > 1:
-    pack, unpack = flat_layout(b)
-    result = conjugate_gradient(
-      lambda v: pack(matvec(unpack(v))),
-      pack(b),
-      None if x0 is None else pack(x0),
-      damping=damping,
-      preconditioner=None if preconditioner is None else lambda r: pack(preconditioner(unpack(r))),
-      max_steps=max_steps,
-      tol=tol,
-      progress_tol=progress_tol,
-      progress_window=progress_window,
-      steihaug=steihaug,
-      backtrack_fn=None if backtrack_fn is None else lambda v: backtrack_fn(unpack(v)),
-      backtrack_factor=backtrack_factor,
-      recompute_residual_every=recompute_residual_every,
-      unroll=unroll,
-      conv_layout=conv_layout,
-      flatten=False,
-    )
-    return result._replace(x=unpack(result.x))
-  matvec = with_conv_layout(matvec, conv_layout)
+
+
+def _solve_packed(matvec, b, x0, preconditioner, backtrack_fn, options: _Options) -> CGResult:
+  """The same solve on one packed vector per dtype; the callables still see pytrees."""
+  pack, unpack = flat_layout(b)
+  result = conjugate_gradient(
+    lambda v: pack(matvec(unpack(v))),
+    pack(b),
+    None if x0 is None else pack(x0),
+    preconditioner=None if preconditioner is None else lambda r: pack(preconditioner(unpack(r))),
+    backtrack_fn=None if backtrack_fn is None else lambda v: backtrack_fn(unpack(v)),
+    flatten=False,
+    **options._asdict(),
+  )
+  return result._replace(x=unpack(result.x))
+
+
+def _setup(matvec, b, preconditioner, backtracking: bool, options: _Options) -> _Setup:
+  matvec = with_conv_layout(matvec, options.conv_layout)
+  damping = options.damping
   if isinstance(damping, (int, float)) and damping == 0:
     operator = matvec
   else:
     operator = lambda v: optax.tree.add_scale(matvec(v), damping, v)
-  precond = (lambda r: r) if preconditioner is None else preconditioner
   dtype = jnp.result_type(*[jnp.real(leaf).dtype for leaf in jax.tree.leaves(b)])
-  vdot = lambda u, v: jnp.real(optax.tree.vdot(u, v)).astype(dtype)
-  zeros = optax.tree.zeros_like(b)
-  b_norm = jnp.sqrt(vdot(b, b))
-  tol = jnp.asarray(tol, dtype)
+  setup = _Setup(
+    operator=operator,
+    precond=(lambda r: r) if preconditioner is None else preconditioner,
+    b=b,
+    b_norm=jnp.zeros((), dtype),
+    tol=jnp.asarray(options.tol, dtype),
+    dtype=dtype,
+    options=options,
+    schedule=_backtrack_schedule(options.max_steps, options.backtrack_factor)
+    if backtracking
+    else (),
+  )
+  return setup._replace(b_norm=jnp.sqrt(setup.vdot(b, b)))
 
-  schedule = _backtrack_schedule(max_steps, backtrack_factor) if backtrack_fn else ()
-  num_saved = len(schedule)
-  schedule_arr = jnp.asarray(schedule or (0,), jnp.int32)
 
-  def initial(x: Any, r: Any, phi: jax.Array) -> _Carry:
-    """The carry that starts CG from ``x`` with residual ``r = b - Ax`` and value ``phi``."""
-    z = precond(r)
-    done = jnp.sqrt(vdot(r, r)) <= tol * b_norm
-    return _Carry(
-      k=jnp.zeros((), jnp.int32),
-      x=x,
-      r=r,
-      p=z,
-      rz=vdot(r, z),
-      phi=phi,
-      phi_history=jnp.zeros((max_steps + 1,), dtype).at[0].set(phi),
-      status=jnp.where(done, _RESIDUAL, _MAX_STEPS).astype(jnp.int32),
-      done=done,
-      selected_step=jnp.zeros((), jnp.int32),
-      saved_x=jax.tree.map(lambda leaf: jnp.zeros((num_saved, *leaf.shape), leaf.dtype), b),
-      saved_phi=jnp.full((num_saved,), jnp.inf, dtype),
-      min_curvature=jnp.asarray(jnp.inf, dtype),
-      warm=jnp.zeros((), bool),
-    )
+def _initial(setup: _Setup, x: Any, r: Any, phi: jax.Array) -> _Carry:
+  """The carry that starts CG from ``x`` with residual ``r = b - Ax`` and value ``phi``."""
+  z = setup.precond(r)
+  done = jnp.sqrt(setup.vdot(r, r)) <= setup.tol * setup.b_norm
+  num_saved = len(setup.schedule)
+  return _Carry(
+    k=jnp.zeros((), jnp.int32),
+    x=x,
+    r=r,
+    p=z,
+    rz=setup.vdot(r, z),
+    phi=phi,
+    phi_history=jnp.zeros((setup.options.max_steps + 1,), setup.dtype).at[0].set(phi),
+    status=jnp.where(done, _RESIDUAL, _MAX_STEPS).astype(jnp.int32),
+    done=done,
+    selected_step=jnp.zeros((), jnp.int32),
+    saved_x=jax.tree.map(lambda leaf: jnp.zeros((num_saved, *leaf.shape), leaf.dtype), setup.b),
+    saved_phi=jnp.full((num_saved,), jnp.inf, setup.dtype),
+    min_curvature=jnp.asarray(jnp.inf, setup.dtype),
+    warm=jnp.zeros((), bool),
+  )
 
-  def restart(ax0: Any) -> _Carry:
-    r"""Start from the warm start, kept only when it improves on zero.
 
-    With ``r = b - A x0``, :math:`\phi(x_0) = -\tfrac12 x_0^\top (b + r)`.
-    """
-    r0 = optax.tree.sub(b, ax0)
-    phi0 = -0.5 * vdot(x0, optax.tree.add(b, r0))
-    keep = phi0 < 0
-    return initial(
-      optax.tree.where(keep, x0, zeros),
-      optax.tree.where(keep, r0, b),
-      jnp.where(keep, phi0, 0.0).astype(dtype),
-    )
-
+def _start(setup: _Setup, x0: Any | None) -> _Carry:
+  """The loop's first carry; with a warm start, its first trip takes the product ``A x0``."""
+  zeros = optax.tree.zeros_like(setup.b)
+  carry = _initial(setup, zeros, setup.b, jnp.zeros((), setup.dtype))
   if x0 is None:
-    carry = initial(zeros, b, jnp.zeros((), dtype))
-  else:
-    # The product A x0 is taken by the first trip of the loop (``warm``), so the compiled
-    # program holds the operator once, not twice.
-    x0 = optax.tree.cast_like(x0, b)
-    carry = initial(zeros, b, jnp.zeros((), dtype))._replace(
-      p=x0, done=jnp.zeros((), bool), warm=jnp.ones((), bool)
-    )
+    return carry
+  # The compiled program then holds the operator once, not twice.
+  x0 = optax.tree.cast_like(x0, setup.b)
+  return carry._replace(p=x0, done=jnp.zeros((), bool), warm=jnp.ones((), bool))
+
+
+def _restart(setup: _Setup, x0: Any, ax0: Any) -> _Carry:
+  r"""Start from the warm start ``x0``, kept only when it improves on zero (Martens 2010 §4.5).
+
+  With ``r = b - A x0``, :math:`\phi(x_0) = -\tfrac12 x_0^\top (b + r)`.
+  """
+  r0 = optax.tree.sub(setup.b, ax0)
+  phi0 = -0.5 * setup.vdot(x0, optax.tree.add(setup.b, r0))
+  keep = phi0 < 0
+  return _initial(
+    setup,
+    optax.tree.where(keep, x0, optax.tree.zeros_like(x0)),
+    optax.tree.where(keep, r0, setup.b),
+    jnp.where(keep, phi0, 0.0).astype(setup.dtype),
+  )
+
+
+def _loop_body(setup: _Setup, warm_started: bool) -> Callable[[_Carry], _Carry]:
+  """One trip of the ``while_loop``: ``unroll`` iterations, the first possibly the restart."""
 
   def body(c: _Carry) -> _Carry:
-    ap = operator(c.p)
-    if x0 is None:
-      new = iteration(c, ap)
+    ap = setup.operator(c.p)
+    if warm_started:
+      new = jax.lax.cond(c.warm, lambda: _restart(setup, c.p, ap), lambda: _iteration(setup, c, ap))
     else:
-      new = jax.lax.cond(c.warm, lambda: restart(ap), lambda: iteration(c, ap))
+      new = _iteration(setup, c, ap)
     # Scalars are in the widest real dtype; keep narrower leaves (bfloat16 weights) narrow.
     return jax.tree.map(lambda n, o: n.astype(o.dtype), new, c)
 
-  def iteration(c: _Carry, ap: Any) -> _Carry:
-    """One CG iteration, given the product ``ap = A p``."""
-    pap = vdot(c.p, ap)
-    rayleigh = pap / vdot(c.p, c.p)
-    min_curvature = jnp.where(rayleigh < c.min_curvature, rayleigh, c.min_curvature)
-    # r.p equals r.z in exact arithmetic; after a residual replacement only r.p gives the exact
-    # line minimum along p (with r.z the step can overshoot and the iteration diverges).
-    alpha = (c.rz if recompute_residual_every is None else vdot(c.r, c.p)) / pap
-    x_new = optax.tree.add_scale(c.x, alpha, c.p)
-    r_new = optax.tree.add_scale(c.r, -alpha, ap)
-    replace = jnp.zeros((), bool)
-    if recompute_residual_every is not None:
-      replace = (c.k + 1) % recompute_residual_every == 0
-      r_new = jax.lax.cond(replace, lambda: optax.tree.sub(b, operator(x_new)), lambda: r_new)
-    phi_new = -0.5 * vdot(x_new, optax.tree.add(b, r_new))
-    negative = (pap <= 0) if steihaug else jnp.zeros((), bool)
-    finite = jnp.isfinite(pap) & jnp.isfinite(alpha) & jnp.isfinite(phi_new)
-    ok = finite & ~negative
+  if setup.options.unroll == 1:
+    return body
 
-    # Steihaug exit: keep the last iterate, or take the steepest-descent step at iteration 0.
-    first = c.k == 0
-    sd_x = optax.tree.add(c.x, c.p)
-    sd_phi = c.phi - c.rz + 0.5 * pap  # phi(x + p) with p = M^-1 r, so r.p = rz.
-    take_sd = negative & first & jnp.isfinite(sd_phi)
-    x_out = optax.tree.where(ok, x_new, optax.tree.where(take_sd, sd_x, c.x))
-    phi_out = jnp.where(ok, phi_new, jnp.where(take_sd, sd_phi, c.phi))
+  def masked(c: _Carry) -> _Carry:
+    return jax.tree.map(lambda n, o: jnp.where(c.done, o, n), body(c), c)
 
-    z_new = precond(r_new)
-    rz_new = vdot(r_new, z_new)
-    p_new = optax.tree.add_scale(z_new, rz_new / c.rz, c.p)
+  def unrolled(c: _Carry) -> _Carry:
+    c = body(c)  # the loop condition guarantees this one is live
+    for _ in range(setup.options.unroll - 1):
+      c = masked(c)
+    return c
 
-    k1 = c.k + 1
-    residual_ok = jnp.sqrt(vdot(r_new, r_new)) <= tol * b_norm
-    history = c.phi_history.at[k1].set(phi_new)
-    if progress_tol is None:
-      progress_ok = jnp.zeros((), bool)
-    else:
-      window = jnp.maximum(progress_window, jnp.ceil(0.1 * k1).astype(jnp.int32))
-      phi_then = history[jnp.maximum(k1 - window, 0)]
-      progress_ok = (
-        (k1 > window) & (phi_new < 0) & ((phi_new - phi_then) / phi_new < window * progress_tol)
-      )
-    status = jnp.select(
-      [~finite, negative, residual_ok, progress_ok, k1 >= max_steps],
-      [_NONFINITE, _NEGATIVE, _RESIDUAL, _PROGRESS, _MAX_STEPS],
-      c.status,
-    ).astype(jnp.int32)
-    done = ~ok | residual_ok | progress_ok | (k1 >= max_steps)
-    moved = ok | take_sd
-    selected = jnp.where(moved, k1, c.k)
+  return unrolled
 
-    saved_x, saved_phi = c.saved_x, c.saved_phi
-    if num_saved:
-      slot = jnp.clip(jnp.searchsorted(schedule_arr, k1), 0, num_saved - 1)
-      save = ok & (schedule_arr[slot] == k1)
-      saved_x = jax.lax.cond(
-        save,
-        lambda s: jax.tree.map(lambda buf, leaf: buf.at[slot].set(leaf), s, x_new),
-        lambda s: s,
-        saved_x,
-      )
-      saved_phi = jnp.where(save, saved_phi.at[slot].set(phi_new), saved_phi)
 
-    return _Carry(
-      k=k1,
-      x=x_out,
-      r=optax.tree.where(ok, r_new, c.r),
-      p=p_new,
-      rz=rz_new,
-      phi=phi_out,
-      phi_history=history,
-      status=status,
-      done=done,
-      selected_step=selected,
-      saved_x=saved_x,
-      saved_phi=saved_phi,
-      min_curvature=min_curvature,
-      warm=c.warm,
+def _iteration(setup: _Setup, c: _Carry, ap: Any) -> _Carry:
+  """One CG iteration, given the product ``ap = A p``."""
+  options, vdot = setup.options, setup.vdot
+  pap = vdot(c.p, ap)
+  rayleigh = pap / vdot(c.p, c.p)
+  min_curvature = jnp.where(rayleigh < c.min_curvature, rayleigh, c.min_curvature)
+  # r.p equals r.z in exact arithmetic; after a residual replacement only r.p gives the exact
+  # line minimum along p (with r.z the step can overshoot and the iteration diverges).
+  every = options.recompute_residual_every
+  alpha = (c.rz if every is None else vdot(c.r, c.p)) / pap
+  x_new = optax.tree.add_scale(c.x, alpha, c.p)
+  r_new = optax.tree.add_scale(c.r, -alpha, ap)
+  if every is not None:
+    replace = (c.k + 1) % every == 0
+    r_new = jax.lax.cond(
+      replace, lambda: optax.tree.sub(setup.b, setup.operator(x_new)), lambda: r_new
     )
+  phi_new = -0.5 * vdot(x_new, optax.tree.add(setup.b, r_new))
+  negative = (pap <= 0) if options.steihaug else jnp.zeros((), bool)
+  finite = jnp.isfinite(pap) & jnp.isfinite(alpha) & jnp.isfinite(phi_new)
+  ok = finite & ~negative
 
-  if unroll == 1:
-    loop_body = body
-  else:
+  # Steihaug exit: keep the last iterate, or take the steepest-descent step at iteration 0.
+  sd_phi = c.phi - c.rz + 0.5 * pap  # phi(x + p) with p = M^-1 r, so r.p = rz.
+  take_sd = negative & (c.k == 0) & jnp.isfinite(sd_phi)
+  x_out = optax.tree.where(ok, x_new, optax.tree.where(take_sd, optax.tree.add(c.x, c.p), c.x))
+  phi_out = jnp.where(ok, phi_new, jnp.where(take_sd, sd_phi, c.phi))
 
-    def masked(c: _Carry) -> _Carry:
-      new = body(c)
-      return jax.tree.map(lambda n, o: jnp.where(c.done, o, n), new, c)
-
-    def loop_body(c: _Carry) -> _Carry:
-      c = body(c)  # the loop condition guarantees this one is live
-      for _ in range(unroll - 1):
-        c = masked(c)
-      return c
-
-  c = jax.lax.while_loop(lambda c: ~c.done, loop_body, carry)
-  x, phi, selected = c.x, c.phi, c.selected_step
-
-  if num_saved:
-    # Candidates: the saved iterates reached by the loop, then the final one (preferred on ties).
-    valid = (schedule_arr <= c.k) & jnp.isfinite(c.saved_phi)
-    values = jax.lax.map(backtrack_fn, c.saved_x)
-    values = jnp.where(valid & jnp.isfinite(values), values, jnp.inf)
-    final_value = backtrack_fn(x)
-    final_value = jnp.where(jnp.isfinite(final_value), final_value, jnp.inf)
-    best = jnp.argmin(values)
-    use_saved = values[best] < final_value
-    x = optax.tree.where(use_saved, jax.tree.map(lambda buf: buf[best], c.saved_x), x)
-    phi = jnp.where(use_saved, c.saved_phi[best], phi)
-    selected = jnp.where(use_saved, schedule_arr[best], selected)
-
-  r_norm = jnp.sqrt(vdot(c.r, c.r))
-  relative = jnp.where(b_norm > 0, r_norm / jnp.where(b_norm > 0, b_norm, 1.0), 0.0)
-  return CGResult(
-    x=x,
-    num_steps=c.k,
-    relative_residual=relative.astype(dtype),
-    quadratic_value=phi,
-    status=c.status,
-    negative_curvature=c.status == _NEGATIVE,
-    converged=(c.status == _RESIDUAL) | (c.status == _PROGRESS),
-    selected_step=selected,
-    min_curvature=c.min_curvature,
+  z_new = setup.precond(r_new)
+  rz_new = vdot(r_new, z_new)
+  k1 = c.k + 1
+  residual_ok = jnp.sqrt(vdot(r_new, r_new)) <= setup.tol * setup.b_norm
+  history = c.phi_history.at[k1].set(phi_new)
+  progress_ok = _progress_ok(options, history, k1, phi_new)
+  status = jnp.select(
+    [~finite, negative, residual_ok, progress_ok, k1 >= options.max_steps],
+    [_NONFINITE, _NEGATIVE, _RESIDUAL, _PROGRESS, _MAX_STEPS],
+    c.status,
+  ).astype(jnp.int32)
+  saved_x, saved_phi = _save(setup.schedule, c.saved_x, c.saved_phi, k1, ok, x_new, phi_new)
+  return _Carry(
+    k=k1,
+    x=x_out,
+    r=optax.tree.where(ok, r_new, c.r),
+    p=optax.tree.add_scale(z_new, rz_new / c.rz, c.p),
+    rz=rz_new,
+    phi=phi_out,
+    phi_history=history,
+    status=status,
+    done=~ok | residual_ok | progress_ok | (k1 >= options.max_steps),
+    selected_step=jnp.where(ok | take_sd, k1, c.k),
+    saved_x=saved_x,
+    saved_phi=saved_phi,
+    min_curvature=min_curvature,
+    warm=c.warm,
   )
+
+
+def _progress_ok(options: _Options, history: jax.Array, k1: jax.Array, phi: jax.Array):
+  r"""Martens' (2010) rule: :math:`(\phi_k - \phi_{k-s}) / \phi_k < s\,\epsilon`."""
+  if options.progress_tol is None:
+    return jnp.zeros((), bool)
+  window = jnp.maximum(options.progress_window, jnp.ceil(0.1 * k1).astype(jnp.int32))
+  phi_then = history[jnp.maximum(k1 - window, 0)]
+  return (k1 > window) & (phi < 0) & ((phi - phi_then) / phi < window * options.progress_tol)
+
+
+def _save(schedule, saved_x, saved_phi, k1, ok, x_new, phi_new):
+  """Stores iterate ``k1`` when it is on the backtracking schedule (Martens 2010 §4.6)."""
+  if not schedule:
+    return saved_x, saved_phi
+  schedule_arr = jnp.asarray(schedule, jnp.int32)
+  slot = jnp.clip(jnp.searchsorted(schedule_arr, k1), 0, len(schedule) - 1)
+  save = ok & (schedule_arr[slot] == k1)
+  saved_x = jax.lax.cond(
+    save,
+    lambda s: jax.tree.map(lambda buf, leaf: buf.at[slot].set(leaf), s, x_new),
+    lambda s: s,
+    saved_x,
+  )
+  return saved_x, jnp.where(save, saved_phi.at[slot].set(phi_new), saved_phi)
+
+
+def _backtrack(c: _Carry, backtrack_fn, x, phi, selected, schedule):
+  """The saved iterate (or the final one, preferred on ties) with the smallest objective."""
+  schedule_arr = jnp.asarray(schedule, jnp.int32)
+  valid = (schedule_arr <= c.k) & jnp.isfinite(c.saved_phi)
+  values = jax.lax.map(backtrack_fn, c.saved_x)
+  values = jnp.where(valid & jnp.isfinite(values), values, jnp.inf)
+  final_value = backtrack_fn(x)
+  final_value = jnp.where(jnp.isfinite(final_value), final_value, jnp.inf)
+  best = jnp.argmin(values)
+  use_saved = values[best] < final_value
+  x = optax.tree.where(use_saved, jax.tree.map(lambda buf: buf[best], c.saved_x), x)
+  phi = jnp.where(use_saved, c.saved_phi[best], phi)
+  selected = jnp.where(use_saved, schedule_arr[best], selected)
+  return x, phi, selected

@@ -236,9 +236,9 @@ def nystrom_cg(
   Sketches the undamped :math:`A` with ``rank`` products
   (:func:`nystrom_approximation`), then runs :func:`~curvopt.linalg.cg.conjugate_gradient`
   with :func:`nystrom_preconditioner` at :math:`\mu = \delta`. ``num_steps`` counts the CG
-  iterations only; the sketch costs ``rank`` more products (batched). Follows the solver
-  protocol of :mod:`curvopt.linalg.solve`. To reuse a sketch across solves (NysNewton-CG
-  refreshes it every few steps), keep the :class:`NystromApproximation` and pass
+  iterations only; the sketch costs ``rank`` more products (batched). Same signature as
+  :func:`~curvopt.linalg.cg.conjugate_gradient`. To reuse a sketch across solves
+  (NysNewton-CG refreshes it every few steps), keep the :class:`NystromApproximation` and pass
   ``preconditioner=nystrom_preconditioner(approx, damping)`` to ``conjugate_gradient``.
 
   Args:

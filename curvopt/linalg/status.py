@@ -23,8 +23,12 @@ _MESSAGES = {
   ),
   "DIRECT": "Solved exactly by a dense factorisation (Cholesky).",
   "INDEFINITE": (
-    "The dense matrix is not positive definite; the solution is restricted to its positive "
-    "eigenspace (or a least-squares solution, per method)."
+    "The dense matrix has a negative eigenvalue (Cholesky failed); the saddle-free step "
+    "(every negative curvature flipped) from its eigendecomposition is returned."
+  ),
+  "SINGULAR": (
+    "The dense matrix is singular to working precision (Cholesky failed); the minimum-norm "
+    "solution on its numerically non-zero eigenvalues is returned."
   ),
 }
 
@@ -50,6 +54,7 @@ class SolverStatus(enum.IntEnum):
   NONFINITE = 4
   DIRECT = 5
   INDEFINITE = 6
+  SINGULAR = 7
 
   @classmethod
   def names(cls) -> tuple[str, ...]:

@@ -12,9 +12,12 @@ preconditioner), and :func:`curvopt.optimizers.newton_cg.scale_by_newton_cg` com
   :math:`M = (\mathrm{diag}(\frac1B\sum_i g_i^2) + \lambda)^\alpha`.
 
 Every function accepts traced values (all branching is ``jnp.where``), so hyper-parameters
-may come from ``optax.inject_hyperparams``.
+may come from ``optax.inject_hyperparams``. :class:`LevenbergMarquardt` is the damping part of
+Newton-CG: the policy that composes these rules (initial value, bounds, factors, acceptance
+test, retries).
 """
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -224,3 +227,107 @@ def curvature_along(direction: Params, rhs: Params) -> jax.Array:
   """
   dd = optax.tree.vdot(direction, direction)
   return jnp.real(optax.tree.vdot(rhs, direction)) / jnp.where(dd > 0, jnp.real(dd), jnp.nan)
+
+
+def _concrete(value: Any) -> float | None:
+  """``value`` as a Python float, or ``None`` when it is traced (then checks are skipped)."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return None
+
+
+def _check(name: str, value: Any, ok, requirement: str) -> None:
+  v = _concrete(value)
+  if v is not None and not ok(v):
+    raise ValueError(f"LevenbergMarquardt.{name} must be {requirement}; got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class LevenbergMarquardt:
+  r"""Levenberg-Marquardt damping with an acceptance test and in-update re-solves.
+
+  **Acceptance** (trust-region style). A trial step :math:`p = -d` is rejected when
+  :math:`d` or the loss is non-finite, or (unless ``accept_ratio`` is ``None``) when its
+  reduction ratio :math:`\rho \le` ``accept_ratio`` (:func:`reduction_ratio`, measured on
+  the same mini-batch). It is then re-solved with :math:`\lambda` raised by
+  :func:`retry_damping` (factor ``increase`` :math:`\cdot 2^k` at the :math:`k`-th retry,
+  and at least the curvature along the rejected step; past :math:`-\mu` when the solver met
+  curvature :math:`\mu \le 0`), up to ``max_retries`` times, inside the compiled update.
+  With ``accept_ratio=0`` the loss on the step's mini-batch never increases.
+
+  **Adaptation** (Martens 2010 §4.1). After an accepted trial, :math:`\lambda` is multiplied
+  by ``increase`` when :math:`\rho < \tfrac14` and by ``decrease`` when
+  :math:`\rho > \tfrac34` (:func:`levenberg_marquardt`), raised past negative curvature the
+  solver met (:func:`negative_curvature_damping`), and clipped to ``bounds`` (when ``adapt``;
+  otherwise retries raise :math:`\lambda` for the current update only).
+
+  Attributes:
+    init: the initial :math:`\lambda \ge 0`.
+    adapt: adapt :math:`\lambda` between updates.
+    bounds: ``(min, max)`` of :math:`\lambda`.
+    increase: :math:`\gamma_+ \ge 1`.
+    decrease: :math:`\gamma_- \in (0, 1]`.
+    accept_ratio: trials with :math:`\rho \le` ``accept_ratio`` are rejected; ``None``
+      accepts every finite trial.
+    max_retries: re-solves per update after rejected trials (``0``: none).
+
+  References:
+    Martens, "Deep learning via Hessian-free optimization", ICML 2010. Nielsen, "Damping
+    parameter in Marquardt's method", IMM-REP-1999-05, 1999.
+  """
+
+  init: float = 1.0
+  adapt: bool = True
+  bounds: tuple[float, float] = (1e-8, 1e8)
+  increase: float = 1.5
+  decrease: float = 1.0 / 3.0
+  accept_ratio: float | None = 0.0
+  max_retries: int = 8
+
+  def __post_init__(self):
+    _check("init", self.init, lambda v: v >= 0, ">= 0")
+    lo, hi = self.bounds
+    if _concrete(lo) is not None and _concrete(hi) is not None and not 0 <= lo <= hi:
+      raise ValueError(
+        f"LevenbergMarquardt.bounds must satisfy 0 <= min <= max; got {self.bounds!r}."
+      )
+    _check("increase", self.increase, lambda v: v >= 1, ">= 1")
+    _check("decrease", self.decrease, lambda v: 0 < v <= 1, "in (0, 1]")
+    if not isinstance(self.max_retries, int) or isinstance(self.max_retries, bool):
+      raise ValueError(
+        f"LevenbergMarquardt.max_retries must be an int >= 0; got {self.max_retries!r}."
+      )
+    _check("max_retries", self.max_retries, lambda v: v >= 0, "an int >= 0")
+
+  @property
+  def needs_objective(self) -> bool:
+    """Whether the policy measures the reduction ratio (and so needs the objective)."""
+    return self.adapt or self.accept_ratio is not None
+
+  def accepts(self, rho: jax.Array, finite: jax.Array) -> jax.Array:
+    """Whether a trial with reduction ratio ``rho`` is accepted."""
+    return finite if self.accept_ratio is None else finite & (rho > self.accept_ratio)
+
+  def clip(self, damping: jax.Array) -> jax.Array:
+    lo, hi = self.bounds
+    return jnp.clip(damping, lo, hi).astype(jnp.result_type(damping))
+
+  def retry(self, damping, k, direction, rhs, negative, min_curvature) -> jax.Array:
+    """The damping of the next trial after the ``k``-th rejected one."""
+    dtype = jnp.result_type(damping)
+    mu = curvature_along(direction, rhs).astype(dtype)
+    new = retry_damping(damping, k, mu, increase=self.increase)
+    needed = negative_curvature_damping(damping, min_curvature, increase=self.increase)
+    return self.clip(jnp.where(negative, jnp.maximum(new, needed), new))
+
+  def next(self, damping, rho, accepted, negative, min_curvature, initial) -> jax.Array:
+    """The damping of the next update, after this update's last trial (at ``damping``)."""
+    if not self.adapt:
+      return initial
+    new = levenberg_marquardt(damping, rho, increase=self.increase, decrease=self.decrease)
+    needed = negative_curvature_damping(damping, min_curvature, increase=self.increase)
+    new = jnp.where(negative, jnp.maximum(new, needed), new)
+    return self.clip(jnp.where(accepted, new, damping))  # damping was already raised on failure

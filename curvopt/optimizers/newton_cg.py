@@ -1,23 +1,32 @@
-r"""Newton-CG / Hessian-free optimisation as an optax transformation.
+r"""Newton-CG / Hessian-free optimisation as an optax transformation, made of three parts.
 
-Each step solves the damped Newton system :math:`(C + \lambda I)\, d = g` approximately
-(truncated CG by default, :mod:`curvopt.optimizers.solvers`), with :math:`C` a curvature
-matrix seen only through products (Hessian, generalised Gauss-Newton, empirical Fisher, or
-your own, :mod:`curvopt.optimizers.curvatures`), and returns the direction :math:`d`. The
-damping :math:`\lambda` follows the Levenberg-Marquardt rule of Martens (2010)
-(:mod:`curvopt.optimizers.damping`); a trial step that fails the reduction-ratio test is
-re-solved with a larger :math:`\lambda` inside the same compiled update. Everything runs inside
-one compiled program.
+Each update solves the damped Newton system :math:`(C + \lambda I)\, d = g` and returns the
+direction :math:`d`. Three small values compose it (optimistix's descent / search / linear
+solver split is the model), each validating only its own options:
+
+* the **curvature** :math:`C` (:mod:`curvopt.optimizers.curvatures`): :class:`Hessian`,
+  :class:`GGN`, :class:`Fisher` or a user :class:`CurvatureFn`;
+* the **solver** of the damped system (:mod:`curvopt.linalg.solvers`): :class:`CG`
+  (truncated, preconditioned), :class:`Dense` in parameter or sample space, or :class:`Auto`
+  (the default), which picks one per update by a documented cost model;
+* the **damping** policy (:class:`~curvopt.optimizers.damping.LevenbergMarquardt`): the
+  acceptance test, the re-solves with raised damping inside the update, the adaptation.
+
+The flat keywords of the SPEC (``damping``, ``adapt_damping``, ``cg_max_steps``, ``cg_tol``,
+``warm_start``, ``preconditioner``) are shortcuts that build these values; a shortcut that
+conflicts with an explicit part is a named error. Everything runs inside one compiled
+program.
 
 Conventions follow ``optax.lbfgs``: :func:`scale_by_newton_cg` returns a gradient-like
 direction (multiply by ``-learning_rate``), :func:`newton_cg` chains it with the learning rate
 and an optional optax line search, and per-step information arrives through optax's extra
 arguments: ``update(grads, state, params, *, value=None, grad=None, value_fn=None, **data)``,
 with the data keyword arguments routed to ``value_fn`` / ``model_fn`` / ``loss_fn`` by the
-parameter names their signatures declare (as optax's line searches route them).
+parameter names their signatures declare (:mod:`curvopt.optimizers.problem`).
 """
 
-import inspect
+import functools
+import os
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -25,22 +34,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvopt import _checks, _nnx
+from curvopt import _checks
 from curvopt._typing import Params
-from curvopt.curvature import products
-from curvopt.linalg.flat import FlatLayout, flat_layout
+from curvopt.linalg.flat import flat_layout
+from curvopt.linalg.solvers import CG, Auto, Dense, NystromPreconditioner, System
 from curvopt.optimizers import curvatures as curvatures_lib
-from curvopt.optimizers import damping as damping_lib
-from curvopt.optimizers import solvers as solvers_lib
-from curvopt.optimizers.curvatures import CurvatureFn, DiagonalFn, arg_names, route
+from curvopt.optimizers.curvatures import CurvatureFn, DiagonalFn, bind
+from curvopt.optimizers.damping import LevenbergMarquardt, reduction_ratio
+from curvopt.optimizers.problem import Problem, value_fn_from_model
 
 CurvatureName = Literal["hessian", "ggn", "fisher"]
-SolverName = Literal["cg", "nystrom", "dense"]
-
-#: Defaults of the options that fix array shapes (``None`` in the signatures so that
-#: ``optax.inject_hyperparams`` leaves them static).
-DEFAULT_CG_MAX_STEPS = 100
-DEFAULT_NYSTROM_RANK = 20
+SolverName = Literal["auto", "cg", "nystrom", "dense", "dense_samples"]
+PreconditionerName = Literal["martens", "nystrom"]
 
 __all__ = [
   "CurvatureFn",
@@ -48,6 +53,7 @@ __all__ = [
   "NewtonCGInfo",
   "NewtonCGState",
   "newton_cg",
+  "newton_cg_parts",
   "scale_by_newton_cg",
   "value_fn_from_model",
 ]
@@ -61,7 +67,8 @@ class NewtonCGInfo(NamedTuple):
       :math:`-d` on the same mini-batch), or of the last trial when every trial was rejected;
       ``-inf`` for a non-finite step, ``nan`` when no objective was available to measure it.
     loss: the objective at the parameters the update was computed at.
-    cg_steps: curvature products spent in this update's solves, all trials together.
+    cg_steps: curvature products spent in this update's solves, all trials together (``0``
+      for a dense solve from per-example rows).
     cg_status: why the last solve stopped, a :class:`curvopt.linalg.status.SolverStatus`
       code (``SolverStatus.message(int(code))`` explains it).
     negative_curvature: whether the last solve met non-positive curvature.
@@ -70,6 +77,8 @@ class NewtonCGInfo(NamedTuple):
       ``rho <= accept_ratio``); each was re-solved with a larger damping.
     num_failed: total number of updates that returned a zero step because every trial was
       rejected.
+    solver: which solver the update used, a :class:`curvopt.linalg.solvers.SolverKind` code
+      (what ``solver="auto"`` chose).
   """
 
   rho: jax.Array
@@ -80,23 +89,23 @@ class NewtonCGInfo(NamedTuple):
   num_trials: jax.Array
   num_rejected: jax.Array
   num_failed: jax.Array
+  solver: jax.Array
 
 
 class NewtonCGState(NamedTuple):
   r"""State of :func:`scale_by_newton_cg`: the algorithm's state and a :class:`NewtonCGInfo`.
 
   The diagnostics are also readable as attributes of the state (``state.rho`` is
-  ``state.info.rho``). :func:`newton_cg` returns a chain, so its state is a tuple whose first
-  element is this state (``state[0].info.rho``). Through ``flax.nnx.Optimizer`` every leaf is
-  wrapped in an ``OptArray`` variable: read ``optimizer.opt_state[0].info.rho[...]`` (or
-  ``.value``).
+  ``state.info.rho``). :func:`newton_cg` returns a chain-like transformation whose state is
+  a tuple with this state first (``state[0].info.rho``). Through ``flax.nnx.Optimizer`` every
+  leaf is wrapped in an ``OptArray`` variable: read ``optimizer.opt_state[0].info.rho[...]``.
 
   Attributes:
     count: number of updates so far.
     direction: the last returned direction :math:`d` (zero after a failed update), the warm
       start of the next solve.
     damping: the current :math:`\lambda` (already adapted for the next step).
-    solver_state: what the linear solver keeps between updates (e.g. a Nyström sketch).
+    solver_state: what the solver keeps between updates (e.g. a Nyström sketch).
     info: the diagnostics of the last update.
   """
 
@@ -114,108 +123,319 @@ class NewtonCGState(NamedTuple):
   num_trials = property(lambda self: self.info.num_trials)
   num_rejected = property(lambda self: self.info.num_rejected)
   num_failed = property(lambda self: self.info.num_failed)
+  solver = property(lambda self: self.info.solver)
 
 
-def value_fn_from_model(
-  model_fn: Callable[..., Any], loss_fn: Callable[..., jax.Array]
-) -> Callable[..., jax.Array]:
-  """Returns ``value_fn(params, **data) = loss_fn(model_fn(params, ...), ...)``.
+# --------------------------------------------------------------------------- the parts
 
-  The returned function's signature names exactly the data arguments of ``model_fn`` and
-  ``loss_fn`` (after their first argument), so optax's line searches, which pass only the
-  keyword arguments a ``value_fn`` declares, route the mini-batch to it correctly.
+_SOLVER_NAMES = ("auto", "cg", "nystrom", "dense", "dense_samples")
 
-  Args:
-    model_fn: ``model_fn(params, **data) -> outputs``.
-    loss_fn: ``loss_fn(outputs, **data) -> scalar``.
+#: Options of earlier versions and the part that now owns each.
+_MOVED = {
+  "damping_bounds": "damping=curvopt.LevenbergMarquardt(bounds=...)",
+  "damping_increase": "damping=curvopt.LevenbergMarquardt(increase=...)",
+  "damping_decrease": "damping=curvopt.LevenbergMarquardt(decrease=...)",
+  "accept_ratio": "damping=curvopt.LevenbergMarquardt(accept_ratio=...)",
+  "max_retries": "damping=curvopt.LevenbergMarquardt(max_retries=...)",
+  "cg_progress_tol": "solver=curvopt.CG(progress_tol=...)",
+  "cg_backtracking": "solver=curvopt.CG(backtracking=...)",
+  "nystrom_rank": "preconditioner=curvopt.NystromPreconditioner(rank=...)",
+  "nystrom_refresh": "preconditioner=curvopt.NystromPreconditioner(refresh=...)",
+  "preconditioner_exponent": "preconditioner=curvopt.MartensDiagonal(exponent=...)",
+  "preconditioner_batch_size": "preconditioner=curvopt.MartensDiagonal(batch_size=...)",
+  "hvp_mode": "curvature=curvopt.Hessian(mode=...)",
+  "curvature_batch_size": "curvature=curvopt.GGN(batch_size=...) (or Fisher)",
+}
 
-  Returns:
-    The composed objective with an explicit signature ``(params, *, <data names>)``.
 
-  Examples:
-    >>> f = value_fn_from_model(lambda w, x: x @ w, lambda z, y: ((z - y) ** 2).sum())
-    >>> str(inspect.signature(f))
-    '(params, *, x, y)'
-    >>> float(f(jnp.ones(2), x=jnp.eye(2), y=jnp.zeros(2)))
-    2.0
-  """
-  names = []
-  for fn in (model_fn, loss_fn):
-    for name in arg_names(fn)[1:]:
-      if name not in names:
-        names.append(name)
+def _refuse_moved(fn: Callable) -> Callable:
+  """Names the new home of an option that moved to a part, instead of a bare TypeError."""
 
-  def value_fn(params, **data):
-    outputs = model_fn(params, **route(model_fn, data))
-    return loss_fn(outputs, **route(loss_fn, data))
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    moved = [name for name in kwargs if name in _MOVED]
+    if moved:
+      raise TypeError(
+        f"{fn.__name__}: option(s) {moved} moved to the part that owns them; pass "
+        + "; ".join(f"{name} -> {_MOVED[name]}" for name in moved)
+        + "."
+      )
+    return fn(*args, **kwargs)
 
-  value_fn.__signature__ = inspect.Signature(
-    [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    + [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in names]
+  return wrapper
+
+
+def _as_preconditioner(preconditioner: Any) -> Any:
+  if preconditioner is None or hasattr(preconditioner, "apply"):
+    return preconditioner
+  if preconditioner == "martens":
+    return curvatures_lib.MartensDiagonal()
+  if preconditioner == "nystrom":
+    return NystromPreconditioner()
+  if callable(preconditioner):
+    return curvatures_lib.DiagonalPreconditioner(preconditioner)
+  raise ValueError(
+    f"Unknown preconditioner {preconditioner!r}; expected 'martens', 'nystrom', a "
+    "preconditioner value (curvopt.MartensDiagonal(...), curvopt.NystromPreconditioner(...)) "
+    "or a DiagonalFn."
   )
-  return value_fn
 
 
-def _curvature_chunk(
-  data: dict, size: int | None, count: jax.Array | int, name: str = "curvature_batch_size"
-) -> dict:
-  """Rows ``[j s, (j + 1) s)`` of every data argument, ``j = count mod (n // s)``.
+def _as_solver(solver: Any, cg_options: dict, preconditioner: Any) -> Any:
+  """The solver value from ``solver`` and the CG shortcuts (a conflict is a named error)."""
+  shortcuts = sorted({f"cg_{k}" if k != "warm_start" else k for k in cg_options})
+  shortcuts += ["preconditioner"] if preconditioner is not None else []
+  if not isinstance(solver, str):
+    if shortcuts:
+      raise ValueError(
+        f"{shortcuts} conflict with the explicit solver={solver!r}: set them on the solver "
+        "value instead, e.g. solver=curvopt.CG(tol=..., max_steps=..., preconditioner=...)."
+      )
+    return solver
+  _checks.check_choice("solver", solver, _SOLVER_NAMES)
+  if solver.startswith("dense"):
+    if shortcuts:
+      raise ValueError(
+        f"{shortcuts} apply to CG, but solver={solver!r} solves the damped system exactly; "
+        "drop them, or use solver='cg'."
+      )
+    return Dense(space="samples" if solver == "dense_samples" else "params")
+  if solver == "nystrom":
+    if preconditioner is not None:
+      raise ValueError(
+        "solver='nystrom' is CG with a Nyström preconditioner; it conflicts with "
+        f"preconditioner={preconditioner!r}. Use solver='cg' with your preconditioner."
+      )
+    preconditioner = NystromPreconditioner()
+  elif solver == "auto" and not shortcuts:
+    return Auto()
+  # solver='cg', or 'auto' with CG options: they say CG is wanted.
+  return CG(**cg_options, preconditioner=preconditioner)
 
-  The curvature mini-batch of Martens (2010): a different contiguous chunk of the step's
-  examples at every update, cycling through the batch, with static shapes (no recompilation).
-  """
-  if size is None or not data:
-    return data
-  leaves = jax.tree.leaves(data)
-  sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
-  if len(sizes) != 1 or None in sizes:
-    raise ValueError(
-      f"{name} needs every data keyword argument to have the same leading example "
-      f"axis; got leading sizes {sorted(map(str, sizes))}. Pass non-batch constants through "
-      "model_fn/loss_fn closures instead."
-    )
-  (n,) = sizes
-  if size > n:
-    raise ValueError(
-      f"{name}={size} exceeds the {n} examples it is drawn from; use at most "
-      f"{n} (or None for the whole batch)."
-    )
-  start = (count % (n // size)) * size
-  return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=0), data)
 
-
-# ------------------------------------------------------------------- construction checks
-
-
-def _concrete(value: Any) -> Any:
-  """``value`` as a Python number, or ``None`` when it is traced (then checks are skipped)."""
-  if isinstance(value, jax.core.Tracer):
-    return None
+def _check_number(name: str, value: Any, ok: Callable[[float], bool], requirement: str) -> None:
+  """A named error for a concrete bad number; traced values (inject_hyperparams) pass."""
+  if isinstance(value, jax.core.Tracer) or callable(value):
+    return
   try:
-    return float(value)
+    number = float(value)
   except (TypeError, ValueError):
-    return None
-
-
-def _check(name: str, value: Any, ok: Callable[[float], bool], requirement: str) -> None:
-  v = _concrete(value)
-  if v is not None and not ok(v):
+    raise TypeError(f"{name} must be a number; got {value!r}.") from None
+  if not ok(number):
     raise ValueError(f"{name} must be {requirement}; got {value!r}.")
 
 
-def _static_int(name: str, value: Any, default: int, minimum: int) -> int:
-  """A shape-fixing option as a Python int, with a named error when it is traced."""
-  if value is None:
-    return default
-  if isinstance(value, jax.core.Tracer):
-    raise TypeError(
-      f"{name} fixes array shapes and must be a Python int, but it is traced (e.g. by "
-      f"optax.inject_hyperparams); pass optax.inject_hyperparams(newton_cg, "
-      f"static_args=({name!r},)) or leave it at its default."
+def newton_cg_parts(
+  curvature: Any = "ggn",
+  solver: Any = "auto",
+  damping: Any = 1.0,
+  *,
+  adapt_damping: bool | None = None,
+  cg_max_steps: int | None = None,
+  cg_tol: float | Literal["forcing"] | None = None,
+  warm_start: float | None = None,
+  preconditioner: Any = None,
+) -> tuple[Any, Any, LevenbergMarquardt]:
+  """The ``(curvature, solver, damping)`` values that the shortcuts stand for.
+
+  Names become values (``"ggn"`` -> ``GGN()``, ``"auto"`` -> ``Auto()``, a number ``λ`` ->
+  ``LevenbergMarquardt(init=λ)``); the CG shortcuts build a :class:`~curvopt.linalg.solvers.CG`
+  (with ``solver="auto"`` too: options of CG ask for CG). A shortcut that conflicts with an
+  explicit part raises a ``ValueError`` that says where the option belongs.
+
+  Examples:
+    >>> curvature, solver, damping = newton_cg_parts("hessian", cg_tol=1e-6, damping=0.1)
+    >>> type(curvature).__name__, type(solver).__name__, solver.tol, damping.init
+    ('Hessian', 'CG', 1e-06, 0.1)
+    >>> type(newton_cg_parts("ggn")[1]).__name__
+    'Auto'
+  """
+  curvature = curvatures_lib.as_curvature(curvature)
+  if isinstance(damping, LevenbergMarquardt):
+    if adapt_damping is not None:
+      raise ValueError(
+        f"adapt_damping={adapt_damping!r} conflicts with the explicit damping={damping!r}; "
+        "set LevenbergMarquardt(adapt=...) instead."
+      )
+    policy = damping
+  else:
+    _check_number("damping", damping, lambda v: v >= 0, ">= 0 (or a LevenbergMarquardt value)")
+    adapt = True if adapt_damping is None else adapt_damping
+    policy = LevenbergMarquardt(init=damping, adapt=adapt)
+  options = {"max_steps": cg_max_steps, "tol": cg_tol, "warm_start": warm_start}
+  options = {k: v for k, v in options.items() if v is not None}
+  return curvature, _as_solver(solver, options, _as_preconditioner(preconditioner)), policy
+
+
+# ------------------------------------------------------------------------- the update
+
+
+class Trials(NamedTuple):
+  """The carry of the trial loop: the last trial's solve, its test, and the running totals."""
+
+  k: jax.Array
+  lam: jax.Array
+  d: Any
+  rho: jax.Array
+  accept: jax.Array
+  steps: jax.Array
+  status: jax.Array
+  negative: jax.Array
+  min_curvature: jax.Array
+
+
+def run_trials(
+  solve: Callable[[jax.Array, Any], Any],
+  measure: Callable[[Any], tuple[jax.Array, jax.Array]],
+  policy: LevenbergMarquardt,
+  damping: jax.Array,
+  x0: Any,
+  rhs: Any,
+) -> Trials:
+  """Solves at ``damping``; while the trial is rejected, raises it and re-solves.
+
+  All inside one ``lax.while_loop``: at most ``1 + policy.max_retries`` solves, each
+  warm-started from the previous (rejected) direction.
+
+  Args:
+    solve: ``(damping, x0) -> CGResult``.
+    measure: ``(CGResult, damping) -> (rho, finite)``.
+    policy: the damping policy (acceptance test and retry rule).
+    damping: the damping of the first trial.
+    x0: the first trial's warm start (vectors shaped like ``rhs``).
+    rhs: the right-hand side (the gradient).
+
+  Returns:
+    The final :class:`Trials` carry (``accept`` false when every trial was rejected).
+  """
+  dtype = damping.dtype
+
+  def body(c: Trials) -> Trials:
+    result = solve(c.lam, c.d)
+    rho, finite = measure(result, c.lam)
+    accept = policy.accepts(rho, finite)
+    min_curvature = jnp.asarray(result.min_curvature, dtype)
+    negative = jnp.asarray(result.negative_curvature, bool)
+    raised = policy.retry(c.lam, c.k, result.x, rhs, negative, min_curvature)
+    return Trials(
+      k=c.k + 1,
+      lam=jnp.where(accept, c.lam, raised).astype(dtype),
+      d=optax.tree.cast_like(result.x, rhs),
+      rho=rho,
+      accept=accept,
+      steps=c.steps + jnp.asarray(result.num_steps, jnp.int32),
+      status=jnp.asarray(result.status, jnp.int32),
+      negative=negative,
+      min_curvature=min_curvature,
     )
-  if isinstance(value, bool) or int(value) != value or value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum} (or None); got {value!r}.")
-  return int(value)
+
+  start = Trials(
+    k=jnp.zeros((), jnp.int32),
+    lam=damping,
+    d=optax.tree.cast_like(x0, rhs),
+    rho=jnp.asarray(jnp.nan, dtype),
+    accept=jnp.zeros((), bool),
+    steps=jnp.zeros((), jnp.int32),
+    status=jnp.zeros((), jnp.int32),
+    negative=jnp.zeros((), bool),
+    min_curvature=jnp.asarray(jnp.inf, dtype),
+  )
+  return jax.lax.while_loop(lambda c: ~c.accept & (c.k <= policy.max_retries), body, start)
+
+
+def _measure(objective, params, unpack, loss, dtype) -> Callable:
+  r"""``(result, damping) -> (rho, finite)``: the reduction ratio of the step :math:`-d`.
+
+  The prediction is the *undamped* quadratic model's,
+  :math:`m(-d) - m(0) = -g^\top d + \tfrac12 d^\top C d = \phi(d) - \tfrac\lambda2 \|d\|^2`
+  with :math:`\phi` the damped model the solver minimised (Martens 2010 §4.1; the gain
+  ratio of Levenberg-Marquardt, Madsen, Nielsen and Tingleff 2004): damping is how the step
+  is found, not part of the objective's model.
+  """
+
+  def measure(result, damping):
+    d = result.x
+    finite = optax.tree.norm(d) < jnp.inf  # False for inf and nan.
+    if objective is None:
+      return jnp.asarray(jnp.nan, dtype), finite
+    safe = optax.tree.where(finite, d, optax.tree.zeros_like(d))
+    new_loss = objective(optax.tree.sub(params, unpack(safe))).astype(dtype)
+    finite = finite & jnp.isfinite(loss) & jnp.isfinite(new_loss)
+    damped = jnp.asarray(result.quadratic_value, dtype)
+    predicted = damped - 0.5 * damping * jnp.real(optax.tree.vdot(safe, safe)).astype(dtype)
+    rho = reduction_ratio(new_loss - loss, predicted)
+    return jnp.where(finite, rho, -jnp.inf).astype(dtype), finite
+
+  return measure
+
+
+class _Config(NamedTuple):
+  problem: Problem
+  curvature: Any
+  solver: Any
+  policy: LevenbergMarquardt
+
+
+def _system(config: _Config, params, updates, value_fn, data, count):
+  """The update's :class:`~curvopt.linalg.solvers.System` on packed vectors, and the layout."""
+  op = config.curvature.operator(params, config.problem, value_fn, data, count)
+  pack, unpack = flat_layout(updates)
+  context = curvatures_lib.PreconditionerContext(params, config.problem, value_fn, op, pack)
+  system = System(
+    matvec=lambda v: pack(op.matvec(unpack(v))),
+    like=pack(params),
+    factor=op.factor,
+    product_cost=op.product_cost,
+    context=context,
+  )
+  return system, pack, unpack
+
+
+def _update(config: _Config, updates, state: NewtonCGState, params, value, value_fn, data):
+  """One Newton-CG update (the body of ``update_fn``)."""
+  _checks.check_same_structure(params, updates, "params", "updates")
+  _check_dtypes(params, updates)
+  objective = bind(value_fn, data)
+  if objective is None and config.policy.needs_objective:
+    raise ValueError(
+      "newton_cg needs the objective to adapt damping or accept steps: pass value_fn= to "
+      "update() (or model_fn/loss_fn at construction), or use damping="
+      "curvopt.LevenbergMarquardt(adapt=False, accept_ratio=None)."
+    )
+  system, pack, unpack = _system(config, params, updates, value_fn, data, state.count)
+  solver = config.solver.resolve(system)
+  solver_state, work = solver.prepare(system, state.solver_state, state.count)
+  dtype = state.damping.dtype
+  if objective is None or value is not None:
+    loss = jnp.asarray(jnp.nan if value is None else value, dtype)
+  else:
+    loss = jnp.asarray(objective(params), dtype)
+  b = pack(updates)
+  x0 = solver.initial_guess(pack(state.direction))
+  x0 = optax.tree.zeros_like(b) if x0 is None else x0
+  backtrack = None if objective is None else lambda d: objective(optax.tree.sub(params, unpack(d)))
+
+  def solve(lam, x):
+    return solver.solve(system, work, b, lam, x, backtrack_fn=backtrack)
+
+  measure = _measure(objective, params, unpack, loss, dtype)
+  c = run_trials(solve, measure, config.policy, state.damping, x0, b)
+  policy = config.policy
+  next_lam = policy.next(c.lam, c.rho, c.accept, c.negative, c.min_curvature, state.damping)
+  out = unpack(optax.tree.where(c.accept, c.d, optax.tree.zeros_like(b)))
+  info = NewtonCGInfo(
+    rho=c.rho,
+    loss=loss,
+    cg_steps=c.steps,
+    cg_status=c.status,
+    negative_curvature=c.negative,
+    num_trials=c.k,
+    num_rejected=state.info.num_rejected + c.k - c.accept.astype(jnp.int32),
+    num_failed=state.info.num_failed + (~c.accept).astype(jnp.int32),
+    solver=jnp.asarray(int(solver.kind), jnp.int32),
+  )
+  count = optax.safe_increment(state.count)
+  return out, NewtonCGState(count, out, next_lam.astype(dtype), solver_state, info)
 
 
 def _check_dtypes(params: Params, updates: Params) -> None:
@@ -231,200 +451,117 @@ def _check_dtypes(params: Params, updates: Params) -> None:
       )
 
 
-def _check_data_names(data: dict, fns: list[Callable]) -> None:
-  accepted = []
-  for fn in fns:
-    for name in arg_names(fn)[1:]:
-      if name not in accepted:
-        accepted.append(name)
-  unused = [name for name in data if name not in accepted]
-  if unused:
-    raise ValueError(
-      f"newton_cg.update got data keyword argument(s) {unused} that no function declares; "
-      f"value_fn/model_fn/loss_fn accept {accepted}. Rename the argument (or add it to the "
-      "function's signature)."
-    )
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _module_model_fn(model_fn: Callable[..., Any], module: Any) -> Callable[..., Any]:
-  """``(params, **data) -> model_fn(module rebuilt from params, **data)``, same data names."""
-  _, merge = _nnx.split(module)
-
-  def pure_model_fn(params, **data):
-    return model_fn(merge(params), **data)
-
-  pure_model_fn.__signature__ = inspect.signature(model_fn)
-  return pure_model_fn
+def _raised_by_curvopt(error: BaseException) -> bool:
+  """Whether the innermost frame of ``error``'s traceback is in curvopt's own source."""
+  tb = error.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE)
 
 
-def _identity_layout(tree: Any) -> FlatLayout:
-  """The layout that keeps pytrees as they are (for a user's solver)."""
-  del tree
-  return FlatLayout(lambda t: t, lambda t: t)
-
-
-def _make_solver(
-  solver: Any, max_steps: int, progress_tol: Any, rank: int, refresh_every: Any
-) -> solvers_lib.LinearSolver:
-  options = solvers_lib.SolverOptions(
-    max_steps=max_steps, progress_tol=progress_tol, rank=rank, refresh_every=refresh_every
+def _init_state(config: _Config, params: Params) -> NewtonCGState:
+  config.problem.check_params(params)
+  leaves = jax.tree.leaves(params)
+  dtype = jnp.result_type(*[jnp.real(leaf).dtype for leaf in leaves]) if leaves else float
+  zero = jnp.zeros((), jnp.int32)
+  return NewtonCGState(
+    count=zero,
+    direction=optax.tree.zeros_like(params),
+    damping=jnp.asarray(config.policy.init, dtype),
+    solver_state=config.solver.init(flat_layout(params).pack(params)),
+    info=NewtonCGInfo(
+      rho=jnp.asarray(jnp.nan, dtype),
+      loss=jnp.asarray(jnp.nan, dtype),
+      cg_steps=zero,
+      cg_status=zero,
+      negative_curvature=jnp.zeros((), bool),
+      num_trials=zero,
+      num_rejected=zero,
+      num_failed=zero,
+      solver=zero,
+    ),
   )
-  if isinstance(solver, solvers_lib.LinearSolver):
-    return solver
-  if callable(solver):
-    return solvers_lib.from_solve_fn(solver, options)
-  _checks.check_choice("solver", solver, tuple(solvers_lib.SOLVERS))
-  return solvers_lib.SOLVERS[solver](options)
 
 
 # ------------------------------------------------------------------------- the transform
 
 
+@_refuse_moved
 def scale_by_newton_cg(
-  curvature: CurvatureName | CurvatureFn = "ggn",
+  curvature: CurvatureName | Any = "ggn",
   *,
+  solver: SolverName | Any = "auto",
+  damping: float | LevenbergMarquardt = 1.0,
   model_fn: Callable[..., Any] | None = None,
   loss_fn: Callable[..., jax.Array] | None = None,
   module: Any = None,
-  damping: float = 1.0,
-  adapt_damping: bool = True,
-  damping_bounds: tuple[float, float] = (1e-8, 1e8),
-  damping_increase: float = 1.5,
-  damping_decrease: float = 1.0 / 3.0,
-  accept_ratio: float | None = 0.0,
-  max_retries: int = 8,
-  solver: SolverName | solvers_lib.LinearSolver | Callable[..., Any] = "cg",
+  adapt_damping: bool | None = None,
   cg_max_steps: int | None = None,
-  cg_tol: float | Literal["forcing"] = 1e-4,
-  cg_progress_tol: float | None = 5e-4,
-  warm_start: float = 0.95,
-  preconditioner: Literal["martens"] | DiagonalFn | None = None,
-  preconditioner_exponent: float = 0.75,
-  nystrom_rank: int | None = None,
-  nystrom_refresh: int = 10,
-  cg_backtracking: bool = False,
-  hvp_mode: products.HvpMode = "fwd_rev",
-  curvature_batch_size: int | None = None,
-  preconditioner_batch_size: int | None = None,
+  cg_tol: float | Literal["forcing"] | None = None,
+  warm_start: float | None = None,
+  preconditioner: PreconditionerName | Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Newton-CG direction :math:`d \approx (C + \lambda I)^{-1} g` (Hessian-free, Martens 2010).
 
-  Each update solves :math:`(C + \lambda I) d = g`, where :math:`g` is the incoming update (the
-  gradient), by the chosen ``solver`` (truncated CG by default, warm-started from
-  ``warm_start`` times the previous solution and stopped on relative residual ``cg_tol``,
-  Martens' progress rule ``cg_progress_tol``, non-positive curvature (Steihaug) or
-  ``cg_max_steps``). Like every optax ``scale_by_*`` it returns a gradient-like direction:
-  scale it by ``-learning_rate`` (:func:`newton_cg` does).
+  Each update forms this step's curvature :math:`C` (the ``curvature`` part), solves the
+  damped system for the incoming update :math:`g` (the gradient) with the ``solver`` part,
+  and tests the trial step :math:`-d` with the ``damping`` part: a rejected trial is
+  re-solved with a larger :math:`\lambda` inside the same compiled update
+  (:func:`run_trials`), and :math:`\lambda` adapts from the reduction ratio between updates
+  (:class:`~curvopt.optimizers.damping.LevenbergMarquardt`). Like every optax ``scale_by_*``
+  it returns a gradient-like direction: scale it by ``-learning_rate`` (:func:`newton_cg`
+  does).
 
-  **Step acceptance** (trust-region style, inside the update). With the damped quadratic model
-  :math:`q(p) = g^\top p + \tfrac12 p^\top (C + \lambda I) p` and the trial step
-  :math:`p = -d`, the reduction ratio :math:`\rho = (f(\theta - d) - f(\theta)) / q(-d)` is
-  measured on the same mini-batch (:func:`~curvopt.optimizers.damping.reduction_ratio`). A
-  trial is rejected when :math:`d` or the loss is non-finite, or (unless ``accept_ratio`` is
-  ``None``) when :math:`\rho \le` ``accept_ratio``; it is then re-solved, warm-started from
-  the rejected :math:`d`, with :math:`\lambda` raised by
-  :func:`~curvopt.optimizers.damping.retry_damping` (factor ``damping_increase``
-  :math:`\cdot 2^k` at the :math:`k`-th retry, and at least the curvature along the rejected
-  step), up to ``max_retries`` times, all within one ``lax.while_loop``. Only when every trial
-  is rejected does the update return zero (counted in ``num_failed``), so outer line searches
-  and ``optimistix`` termination tests see real steps. With ``accept_ratio=0`` the loss on
-  the step's mini-batch never increases.
-
-  **Damping** (Levenberg-Marquardt, Martens 2010 §4.1). After an accepted trial,
-  :math:`\lambda \leftarrow \gamma_+ \lambda` if :math:`\rho < \tfrac14` and
-  :math:`\lambda \leftarrow \gamma_- \lambda` if :math:`\rho > \tfrac34`
-  (:func:`~curvopt.optimizers.damping.levenberg_marquardt`, :math:`\gamma_\pm` =
-  ``damping_increase``/``damping_decrease``), clipped to ``damping_bounds`` (when
-  ``adapt_damping``; otherwise retries raise :math:`\lambda` for the current update only).
-  When the solver meets non-positive damped curvature :math:`\mu` along a direction,
-  :math:`\lambda` is raised to at least :math:`\gamma_+ (\lambda - \mu)`
-  (:func:`~curvopt.optimizers.damping.negative_curvature_damping`).
-
-  **Curvature** :math:`C` (registry :data:`curvopt.optimizers.curvatures.CURVATURES`):
-
-  * ``"hessian"``: :math:`\nabla^2 f` by forward-over-reverse products
-    (:func:`curvopt.products.hvp_fn`) of ``value_fn`` (required in ``update``).
-  * ``"ggn"``: the generalised Gauss-Newton :math:`J^\top \nabla^2 L\, J`
-    (:func:`curvopt.products.ggn_fn`) of ``model_fn(params, **data) -> outputs`` and
-    ``loss_fn(outputs, **data) -> loss``, both given here. ``value_fn`` is then optional
-    (:func:`value_fn_from_model` builds it).
-  * ``"fisher"``: the empirical Fisher :math:`\frac1B \sum_i g_i g_i^\top`
-    (:func:`curvopt.products.empirical_fisher_fn`). The per-example losses are the objective
-    evaluated on one-example slices of the data keyword arguments, so every data argument
-    must have a leading example axis and the objective must be a mean over the batch.
-  * any :class:`~curvopt.optimizers.curvatures.CurvatureFn`
-    ``(params, objective, data) -> matvec``.
-
-  **Solver** (registry :data:`curvopt.optimizers.solvers.SOLVERS`): ``"cg"``; ``"nystrom"``,
-  CG preconditioned by a rank-``nystrom_rank`` randomized Nyström approximation of :math:`C`
-  refreshed every ``nystrom_refresh`` updates (Frangella, Tropp and Udell 2023); ``"dense"``,
-  the exact solve from the dense curvature (small models: the Gauss-Newton /
-  Levenberg-Marquardt step); a :class:`~curvopt.optimizers.solvers.LinearSolver`; or any
-  solver following :mod:`curvopt.linalg.solve`'s protocol (e.g.
-  ``curvopt.linalg.dense.dense_solve``).
-
-  **Preconditioner** (``"cg"`` only): ``"martens"`` uses
-  :math:`M = (\mathrm{diag}(\frac1B \sum_i g_i^2) + \lambda)^{\alpha}` with
-  :math:`\alpha` = ``preconditioner_exponent`` (Martens 2010 §4.7), which needs per-example
-  gradients, hence the same data requirement as ``"fisher"``; a
-  :class:`~curvopt.optimizers.curvatures.DiagonalFn` ``(params, objective, data) -> diagonal``
-  gives :math:`M = (\mathrm{diagonal} + \lambda)^{\alpha}`.
+  **Defaults.** ``solver="auto"`` picks, per update and at trace time, the exact dense step
+  in parameter space for small models (a few thousand parameters: the Gauss-Newton /
+  energy-natural-gradient step), the sample-space (Woodbury) step when there are more
+  parameters than residuals, and truncated CG otherwise; the choice is in ``state.solver``
+  (:class:`~curvopt.linalg.solvers.Auto` documents the cost model).
 
   Args:
-    curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or a ``CurvatureFn``.
+    curvature: ``"ggn"`` (default; needs ``model_fn``/``loss_fn``), ``"hessian"`` (of
+      ``value_fn``), ``"fisher"``, a value (:class:`~curvopt.optimizers.curvatures.GGN`,
+      :class:`~curvopt.optimizers.curvatures.Hessian`,
+      :class:`~curvopt.optimizers.curvatures.Fisher`) or a
+      :class:`~curvopt.optimizers.curvatures.CurvatureFn`.
+    solver: ``"auto"`` (default), ``"cg"``, ``"nystrom"`` (CG with a Nyström preconditioner),
+      ``"dense"`` (parameter space), ``"dense_samples"`` (sample space), or a solver value
+      (:class:`~curvopt.linalg.solvers.CG`, :class:`~curvopt.linalg.solvers.Dense`,
+      :class:`~curvopt.linalg.solvers.Auto`, or any class following
+      :class:`~curvopt.linalg.solvers.Solver`).
+    damping: the initial :math:`\lambda \ge 0`, or a
+      :class:`~curvopt.optimizers.damping.LevenbergMarquardt` policy.
     model_fn: ``model_fn(params, **data) -> outputs`` (``"ggn"``; optional otherwise, then
       used with ``loss_fn`` as the objective when no ``value_fn`` is given).
-    loss_fn: ``loss_fn(outputs, **data) -> scalar`` (``"ggn"``).
+    loss_fn: ``loss_fn(outputs, **data) -> scalar``.
     module: a flax ``nnx.Module`` (optional). Then ``model_fn(module, **data)`` receives the
       Module rebuilt from the parameters being optimised (its ``nnx.Param`` state, as
-      ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` passes them) and the rest of its state
-      (BatchNorm statistics, RNG counts) as it was here, so no ``split``/``merge`` is
-      needed in user code. State the Module updates in the forward pass (BatchNorm running
-      averages in training mode) is discarded inside curvature products.
-    damping: initial :math:`\lambda \ge 0`.
-    adapt_damping: adapt :math:`\lambda` from :math:`\rho` between updates.
-    damping_bounds: ``(min, max)`` of :math:`\lambda`.
-    damping_increase: :math:`\gamma_+ \ge 1`, applied when :math:`\rho < 1/4`, on negative
-      curvature, and (times :math:`2^k`) at the :math:`k`-th retry.
-    damping_decrease: :math:`\gamma_- \in (0, 1]`, applied when :math:`\rho > 3/4`.
-    accept_ratio: trials with :math:`\rho \le` ``accept_ratio`` are rejected and re-solved;
-      ``None`` accepts every finite trial.
-    max_retries: re-solves per update after rejected trials (``0``: none).
-    solver: ``"cg"``, ``"nystrom"``, ``"dense"``, a ``LinearSolver`` or a ``curvopt.linalg``
-      ``SolveFn``.
-    cg_max_steps: CG iterations per solve at most (static; ``None`` means 100).
-    cg_tol: relative residual tolerance, or ``"forcing"`` for the superlinear forcing sequence
-      :math:`\min(\tfrac12, \sqrt{\|g\|})` of scipy's Newton-CG (Nocedal and Wright, 7.1).
-    cg_progress_tol: Martens' progress tolerance; ``None`` disables the test.
-    warm_start: decay of the previous direction used as the CG starting point.
-    preconditioner: ``None``, ``"martens"`` or a ``DiagonalFn``.
-    preconditioner_exponent: the exponent :math:`\alpha`.
-    nystrom_rank: Nyström sketch size (static; ``None`` means 20).
-    nystrom_refresh: updates between Nyström sketches.
-    cg_backtracking: return the best saved CG iterate by the true mini-batch loss
-      (Martens 2010 §4.6) rather than the last one; costs a few loss evaluations and the
-      memory of about ``log(cg_max_steps) / log(1.3)`` directions.
-    hvp_mode: forward/reverse composition of Hessian products (``"hessian"`` only).
-    curvature_batch_size: if set, curvature products and the preconditioner use only this
-      many examples of the step's batch (Martens 2010 §4.2), while the gradient and
-      :math:`\rho` use all of it. The chunk is rows ``[j s, (j + 1) s)`` of every data
-      keyword argument with ``j = count mod (n // s)``, so it changes at every update with
-      static shapes; every data argument needs the same leading example axis, and the
-      objective must be a mean over examples. Shuffle the batch between updates so that the
-      chunks are representative.
-    preconditioner_batch_size: if set, the preconditioner's diagonal uses only the first this
-      many examples of the curvature batch (Martens' diagonal needs one gradient per example,
-      so 128 of a 600-example curvature chunk cost a fifth and precondition about as well).
+      ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` passes them) and the rest of its state as
+      it was here. State the Module updates in the forward pass (BatchNorm running averages
+      in training mode) is discarded inside curvature products.
+    adapt_damping: shortcut for ``LevenbergMarquardt(adapt=...)`` (default ``True``).
+    cg_max_steps: shortcut for ``CG(max_steps=...)`` (default 100).
+    cg_tol: shortcut for ``CG(tol=...)``: a relative residual or ``"forcing"`` (default
+      ``1e-4``).
+    warm_start: shortcut for ``CG(warm_start=...)`` (default 0.95).
+    preconditioner: shortcut for ``CG(preconditioner=...)``: ``"martens"``
+      (:class:`~curvopt.optimizers.curvatures.MartensDiagonal`), ``"nystrom"``
+      (:class:`~curvopt.linalg.solvers.NystromPreconditioner`), a preconditioner value or a
+      :class:`~curvopt.optimizers.curvatures.DiagonalFn`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`NewtonCGState`.
 
   Raises:
-    ValueError: at construction for an unknown curvature, solver or preconditioner, ``"ggn"``
-      without ``model_fn``/``loss_fn``, or invalid numbers (traced numbers, e.g. from
-      ``optax.inject_hyperparams``, are not checked); in ``update`` when a needed
-      ``value_fn`` or data argument is missing, or a data argument is declared by no function.
-    TypeError: in ``update`` when the gradient's dtype differs from the parameters'.
+    ValueError: at construction for an unknown part name, a shortcut that conflicts with an
+      explicit part, ``"ggn"`` without ``model_fn``/``loss_fn``, or invalid numbers (traced
+      numbers, e.g. from ``optax.inject_hyperparams``, are not checked); in ``update`` when a
+      needed ``value_fn`` is missing or a data argument is declared by no function.
+    TypeError: for an option of earlier versions (the message says which part owns it now),
+      non-floating parameters, data passed positionally or missing (the message lists them).
 
   Examples:
     On :math:`f(x) = \tfrac12 x^\top A x - b^\top x` one undamped Newton step lands on
@@ -432,13 +569,15 @@ def scale_by_newton_cg(
 
     >>> A, b = jnp.array([[3.0, 1.0], [1.0, 2.0]]), jnp.array([1.0, 1.0])
     >>> f = lambda x: 0.5 * x @ A @ x - b @ x
-    >>> tx = scale_by_newton_cg("hessian", damping=0.0, adapt_damping=False, cg_tol=1e-10)
+    >>> tx = scale_by_newton_cg("hessian", damping=0.0, adapt_damping=False)
     >>> x = jnp.zeros(2)
     >>> d, state = tx.update(jax.grad(f)(x), tx.init(x), x, value_fn=f)
     >>> np.allclose(x - d, jnp.linalg.solve(A, b), atol=1e-6)
     True
     >>> round(float(state.rho), 4), int(state.info.num_trials)
     (1.0, 1)
+    >>> curvopt.SolverKind(int(state.solver)).name  # what solver="auto" chose
+    'DENSE_PARAMS'
 
   References:
     Martens, "Deep learning via Hessian-free optimization", ICML 2010.
@@ -446,305 +585,97 @@ def scale_by_newton_cg(
     optimization", Neural Networks: Tricks of the Trade, 2012.
     Schraudolph, "Fast curvature matrix-vector products for second-order gradient descent",
     Neural Computation 2002. Nocedal and Wright, "Numerical Optimization", ch. 4 and 7, 2006.
-    Nielsen, "Damping parameter in Marquardt's method", IMM-REP-1999-05, 1999.
-    Frangella, Tropp and Udell, "Randomized Nyström preconditioning", SIAM J. Matrix Anal.
-    Appl. 2023.
+    Guzmán-Cordero, Dangel, Goldshlager and Zeinhofer, "Improving energy natural gradient
+    descent through Woodbury, momentum, and randomization", 2025.
   """
-  if not callable(curvature):
-    _checks.check_choice("curvature", curvature, tuple(curvatures_lib.CURVATURES))
-  if not callable(preconditioner):
-    _checks.check_choice("preconditioner", preconditioner, (None, *curvatures_lib.DIAGONALS))
-  if curvature in curvatures_lib.NEEDS_MODEL and (model_fn is None or loss_fn is None):
+  curvature, solver, policy = newton_cg_parts(
+    curvature,
+    solver,
+    damping,
+    adapt_damping=adapt_damping,
+    cg_max_steps=cg_max_steps,
+    cg_tol=cg_tol,
+    warm_start=warm_start,
+    preconditioner=preconditioner,
+  )
+  problem = Problem.build("newton_cg", model_fn, loss_fn, module)
+  if isinstance(curvature, curvatures_lib.GGN) and problem.model_fn is None:
     raise ValueError(
-      f"newton_cg(curvature={curvature!r}) needs model_fn=(params, **data) -> outputs and "
+      "newton_cg(curvature='ggn') needs model_fn=(params, **data) -> outputs and "
       "loss_fn=(outputs, **data) -> loss at construction; or use curvature='hessian' and pass "
       "value_fn= to update()."
     )
-  if (model_fn is None) != (loss_fn is None):
-    raise ValueError("Pass model_fn and loss_fn together (or neither).")
-  if module is not None:
-    if not _nnx.is_module(module):
-      raise TypeError(
-        f"module= takes a flax nnx.Module (whose Param state is optimised); got a "
-        f"{type(module).__name__}. For a plain pytree of parameters drop module=."
-      )
-    if model_fn is None:
-      raise ValueError("module= is used by model_fn: pass model_fn=(module, **data) -> outputs.")
-    model_fn = _module_model_fn(model_fn, module)
-  _check("damping", damping, lambda v: v >= 0, ">= 0")
-  lo, hi = damping_bounds
-  if _concrete(lo) is not None and _concrete(hi) is not None and not 0 <= lo <= hi:
-    raise ValueError(f"damping_bounds must satisfy 0 <= min <= max; got {damping_bounds!r}.")
-  _check("damping_increase", damping_increase, lambda v: v >= 1, ">= 1")
-  _check("damping_decrease", damping_decrease, lambda v: 0 < v <= 1, "in (0, 1]")
-  _check("max_retries", max_retries, lambda v: v >= 0 and v == int(v), "an integer >= 0")
-  _check("warm_start", warm_start, lambda v: 0 <= v <= 1, "in [0, 1]")
-  if isinstance(cg_tol, str):
-    _checks.check_choice("cg_tol", cg_tol, ("forcing",))
-  else:
-    _check("cg_tol", cg_tol, lambda v: v >= 0, ">= 0 or 'forcing'")
-  max_steps = _static_int("cg_max_steps", cg_max_steps, DEFAULT_CG_MAX_STEPS, 1)
-  rank = _static_int("nystrom_rank", nystrom_rank, DEFAULT_NYSTROM_RANK, 1)
-  curvature_batch_size = _static_int("curvature_batch_size", curvature_batch_size, None, 1)
-  preconditioner_batch_size = _static_int(
-    "preconditioner_batch_size", preconditioner_batch_size, None, 1
-  )
-  if preconditioner_batch_size is not None and preconditioner is None:
-    raise ValueError(
-      f"preconditioner_batch_size={preconditioner_batch_size} sizes the preconditioner's batch, "
-      "but preconditioner=None: set preconditioner='martens' (or a DiagonalFn), or drop it."
-    )
-  linear_solver = _make_solver(solver, max_steps, cg_progress_tol, rank, nystrom_refresh)
-  if preconditioner is not None and solver in ("nystrom", "dense"):
-    raise ValueError(
-      f"preconditioner={preconditioner!r} applies to solver='cg' only; solver={solver!r} "
-      "brings its own. Drop one of them."
-    )
-  derived_value_fn = None if model_fn is None else value_fn_from_model(model_fn, loss_fn)
-  custom = callable(curvature) or callable(preconditioner) or not isinstance(solver, str)
-  # The built-in solvers run on one vector per dtype (curvopt.linalg.flat), so the retry and
-  # CG loops compile to a few kernels rather than a few per parameter leaf; a user's solver
-  # sees pytrees shaped like the parameters.
-  layout = flat_layout if isinstance(solver, str) else _identity_layout
+  config = _Config(problem, curvature, solver, policy)
+  derived_value_fn = problem.value_fn
 
-  def init_fn(params: Params) -> NewtonCGState:
-    leaves = jax.tree.leaves(params)
-    dtype = jnp.result_type(*[jnp.real(leaf).dtype for leaf in leaves]) if leaves else float
-    return NewtonCGState(
-      count=jnp.zeros((), jnp.int32),
-      direction=optax.tree.zeros_like(params),
-      damping=jnp.asarray(damping, dtype),
-      solver_state=linear_solver.init(layout(params).pack(params)),
-      info=NewtonCGInfo(
-        rho=jnp.asarray(jnp.nan, dtype),
-        loss=jnp.asarray(jnp.nan, dtype),
-        cg_steps=jnp.zeros((), jnp.int32),
-        cg_status=jnp.zeros((), jnp.int32),
-        negative_curvature=jnp.zeros((), bool),
-        num_trials=jnp.zeros((), jnp.int32),
-        num_rejected=jnp.zeros((), jnp.int32),
-        num_failed=jnp.zeros((), jnp.int32),
-      ),
-    )
-
-  def update_fn(updates, state, params=None, *, value=None, grad=None, value_fn=None, **data):
+  def update_fn(
+    updates, state, params=None, *positional, value=None, grad=None, value_fn=None, **data
+  ):
     del grad  # The direction solves against the incoming updates (the gradient).
     if params is None:
       raise ValueError("scale_by_newton_cg needs params: call update(grads, state, params, ...).")
-    _checks.check_same_structure(params, updates, "params", "updates")
-    _check_dtypes(params, updates)
-    full_value_fn = value_fn if value_fn is not None else derived_value_fn
-    if data and not custom:
-      _check_data_names(data, [f for f in (value_fn, model_fn, loss_fn) if f is not None])
-    objective = None
-    if full_value_fn is not None:
-      bound = route(full_value_fn, data)
-      objective = lambda p: full_value_fn(p, **bound)
-    if objective is None and (adapt_damping or accept_ratio is not None):
-      raise ValueError(
-        "newton_cg needs the objective to adapt damping or accept steps: pass value_fn= to "
-        "update() (or model_fn/loss_fn at construction), or set adapt_damping=False and "
-        "accept_ratio=None."
-      )
-    dtype = state.damping.dtype
+    value_fn = derived_value_fn if value_fn is None else value_fn
+    problem.check_update(positional, data, value_fn)
+    try:
+      return _update(config, updates, state, params, value, value_fn, data)
+    except (TypeError, ValueError) as error:
+      if not _raised_by_curvopt(error):
+        problem.diagnose(error, params, data)
+      raise
 
-    def chunk(data, size, name, count):
-      """A chunk of the batch and the objective bound to it (the whole batch for ``None``)."""
-      if size is None:
-        return data, objective
-      data = _curvature_chunk(data, size, count, name)
-      if full_value_fn is None:
-        return data, None
-      bound_chunk = route(full_value_fn, data)
-      return data, lambda p: full_value_fn(p, **bound_chunk)
-
-    # The curvature may see a smaller chunk of the batch than the gradient and the reduction
-    # ratio (Martens 2010 §4.2), and the preconditioner the first rows of that chunk.
-    curvature_data, curvature_objective = chunk(
-      data, curvature_batch_size, "curvature_batch_size", state.count
-    )
-    spec = curvatures_lib.CurvatureSpec(model_fn, loss_fn, full_value_fn, hvp_mode)
-    curvature_fn = curvature if callable(curvature) else curvatures_lib.CURVATURES[curvature](spec)
-    matvec = curvature_fn(params, curvature_objective, curvature_data)
-    if preconditioner is None:
-      diagonal = None
-    else:
-      diagonal_fn = preconditioner
-      if not callable(preconditioner):
-        diagonal_fn = curvatures_lib.DIAGONALS[preconditioner](spec)
-      first_rows, first_rows_objective = curvature_data, curvature_objective
-      if preconditioner_batch_size is not None:
-        first_rows, first_rows_objective = chunk(
-          curvature_data, preconditioner_batch_size, "preconditioner_batch_size", 0
-        )
-      diagonal = diagonal_fn(params, first_rows_objective, first_rows)
-    pack, unpack = layout(updates)
-    tree_matvec, tree_updates = matvec, updates
-    matvec = lambda v: pack(tree_matvec(unpack(v)))
-    updates = pack(tree_updates)
-    diagonal = None if diagonal is None else pack(diagonal)
-    solver_state, work = linear_solver.prepare(
-      matvec, pack(params), state.solver_state, state.count
-    )
-
-    g_norm = optax.tree.norm(updates)
-    tol = jnp.minimum(0.5, jnp.sqrt(g_norm)) if isinstance(cg_tol, str) else cg_tol
-    backtrack_fn = None
-    if cg_backtracking and objective is not None:
-      backtrack_fn = lambda d: objective(optax.tree.sub(params, unpack(d)))
-    if objective is None:
-      loss = jnp.asarray(jnp.nan if value is None else value, dtype)
-    else:
-      loss = jnp.asarray(objective(params) if value is None else value, dtype)
-
-    def trial(lam, x0):
-      """One damped solve and its acceptance test."""
-      precond = None
-      if diagonal is not None:
-        precond = damping_lib.diagonal_preconditioner(diagonal, lam, preconditioner_exponent)
-      result = linear_solver.solve(
-        matvec,
-        updates,
-        lam,
-        x0,
-        work,
-        preconditioner=precond,
-        tol=tol,
-        backtrack_fn=backtrack_fn,
-      )
-      d = result.x
-      finite = optax.tree.norm(d) < jnp.inf  # False for inf and nan.
-      if objective is None:
-        rho = jnp.asarray(jnp.nan, dtype)
-      else:
-        safe_d = optax.tree.where(finite, d, optax.tree.zeros_like(d))
-        new_loss = objective(optax.tree.sub(params, unpack(safe_d))).astype(dtype)
-        finite = finite & jnp.isfinite(loss) & jnp.isfinite(new_loss)
-        predicted = jnp.asarray(result.quadratic_value, dtype)
-        rho = damping_lib.reduction_ratio(new_loss - loss, predicted)
-        rho = jnp.where(finite, rho, -jnp.inf).astype(dtype)
-      accept = finite if accept_ratio is None else finite & (rho > accept_ratio)
-      return result, d, rho, accept
-
-    def raised(lam, k, result, d):
-      """The damping of the next trial after a rejected one."""
-      mu = damping_lib.curvature_along(d, updates).astype(dtype)
-      new = damping_lib.retry_damping(lam, k, mu, increase=damping_increase)
-      needed = damping_lib.negative_curvature_damping(
-        lam, result.min_curvature, increase=damping_increase
-      )
-      new = jnp.where(result.negative_curvature, jnp.maximum(new, needed), new)
-      return jnp.clip(new, lo, hi).astype(dtype)
-
-    class Carry(NamedTuple):
-      k: jax.Array
-      lam: jax.Array
-      d: Any
-      rho: jax.Array
-      accept: jax.Array
-      steps: jax.Array
-      status: jax.Array
-      negative: jax.Array
-      min_curvature: jax.Array
-
-    def body(c: Carry) -> Carry:
-      result, d, rho, accept = trial(c.lam, c.d)
-      return Carry(
-        k=c.k + 1,
-        lam=jnp.where(accept, c.lam, raised(c.lam, c.k, result, d)),
-        d=d,
-        rho=rho,
-        accept=accept,
-        steps=c.steps + jnp.asarray(result.num_steps, jnp.int32),
-        status=jnp.asarray(result.status, jnp.int32),
-        negative=jnp.asarray(result.negative_curvature, bool),
-        min_curvature=jnp.asarray(result.min_curvature, dtype),
-      )
-
-    x0 = pack(optax.tree.scale(jnp.asarray(warm_start, dtype), state.direction))
-    x0 = optax.tree.cast_like(x0, updates)
-    start = Carry(
-      k=jnp.zeros((), jnp.int32),
-      lam=state.damping,
-      d=x0,
-      rho=jnp.asarray(jnp.nan, dtype),
-      accept=jnp.zeros((), bool),
-      steps=jnp.zeros((), jnp.int32),
-      status=jnp.zeros((), jnp.int32),
-      negative=jnp.zeros((), bool),
-      min_curvature=jnp.asarray(jnp.inf, dtype),
-    )
-    c = jax.lax.while_loop(lambda c: ~c.accept & (c.k <= max_retries), body, start)
-
-    if adapt_damping:
-      next_lam = damping_lib.levenberg_marquardt(
-        c.lam, c.rho, increase=damping_increase, decrease=damping_decrease
-      )
-      needed = damping_lib.negative_curvature_damping(
-        c.lam, c.min_curvature, increase=damping_increase
-      )
-      next_lam = jnp.where(c.negative, jnp.maximum(next_lam, needed), next_lam)
-      next_lam = jnp.where(c.accept, next_lam, c.lam)  # c.lam was already raised on failure
-      next_lam = jnp.clip(next_lam, lo, hi).astype(dtype)
-    else:
-      next_lam = state.damping
-    out = unpack(optax.tree.where(c.accept, c.d, optax.tree.zeros_like(updates)))
-    info = NewtonCGInfo(
-      rho=c.rho,
-      loss=loss,
-      cg_steps=c.steps,
-      cg_status=c.status,
-      negative_curvature=c.negative,
-      num_trials=c.k,
-      num_rejected=state.info.num_rejected + c.k - c.accept.astype(jnp.int32),
-      num_failed=state.info.num_failed + (~c.accept).astype(jnp.int32),
-    )
-    new_state = NewtonCGState(
-      count=optax.safe_increment(state.count),
-      direction=out,
-      damping=next_lam,
-      solver_state=solver_state,
-      info=info,
-    )
-    return out, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(functools.partial(_init_state, config), update_fn)
 
 
 # -------------------------------------------------------------------------- the optimiser
 
 
+@_refuse_moved
 def newton_cg(
   learning_rate: optax.ScalarOrSchedule = 1.0,
   *,
+  curvature: CurvatureName | Any = "ggn",
+  solver: SolverName | Any = "auto",
+  damping: float | LevenbergMarquardt = 1.0,
+  model_fn: Callable[..., Any] | None = None,
+  loss_fn: Callable[..., jax.Array] | None = None,
+  module: Any = None,
+  adapt_damping: bool | None = None,
+  cg_max_steps: int | None = None,
+  cg_tol: float | Literal["forcing"] | None = None,
+  warm_start: float | None = None,
+  preconditioner: PreconditionerName | Any = None,
   linesearch: optax.GradientTransformation | None = None,
-  **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Newton-CG / Hessian-free optimiser: :func:`scale_by_newton_cg`, learning rate, line search.
 
   The update is :math:`-\eta\, d` with :math:`d \approx (C + \lambda I)^{-1} g` (see
-  :func:`scale_by_newton_cg` for the curvature choices, solvers, damping and the acceptance
-  rule), then optionally an optax line search (``optax.scale_by_backtracking_linesearch`` or
-  ``optax.scale_by_zoom_linesearch``) exactly as ``optax.lbfgs`` builds it. For the line search
-  this wrapper supplies what the caller did not: ``grad`` (the incoming gradient), ``value``
-  (the loss the direction step computed) and, in GGN mode, ``value_fn`` built from
-  ``model_fn``/``loss_fn`` with a signature naming their data arguments (so the line search
-  routes the mini-batch correctly). Without a line search the result is an ordinary
-  ``optax.chain``.
-
-  Every option of :func:`scale_by_newton_cg` is accepted by keyword (the signature shown by
-  ``inspect.signature`` lists them all, with their defaults), so ``optax.inject_hyperparams``
-  and configuration tools see every option.
+  :func:`scale_by_newton_cg` for the three parts and every option but ``learning_rate`` and
+  ``linesearch``), then optionally an optax line search
+  (``optax.scale_by_backtracking_linesearch`` or ``optax.scale_by_zoom_linesearch``) exactly
+  as ``optax.lbfgs`` builds it. For the line search this wrapper supplies what the caller did
+  not: ``grad`` (the incoming gradient), ``value`` (the loss the direction step computed) and,
+  with ``model_fn``/``loss_fn``, a ``value_fn`` whose signature names their data arguments.
 
   Args:
-    learning_rate: :math:`\eta`, a float or an optax schedule.
+    learning_rate: :math:`\eta > 0`, a float or an optax schedule.
+    curvature: see :func:`scale_by_newton_cg`.
+    solver: see :func:`scale_by_newton_cg`.
+    damping: see :func:`scale_by_newton_cg`.
+    model_fn: see :func:`scale_by_newton_cg`.
+    loss_fn: see :func:`scale_by_newton_cg`.
+    module: see :func:`scale_by_newton_cg`.
+    adapt_damping: see :func:`scale_by_newton_cg`.
+    cg_max_steps: see :func:`scale_by_newton_cg`.
+    cg_tol: see :func:`scale_by_newton_cg`.
+    warm_start: see :func:`scale_by_newton_cg`.
+    preconditioner: see :func:`scale_by_newton_cg`.
     linesearch: optional optax line search chained after the scaled direction.
-    {options}
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; call
-    ``update(grads, state, params, value_fn=..., **data)`` (``value_fn`` optional for GGN).
-    Its state is ``(NewtonCGState, scale state[, line-search state])``.
+    ``update(grads, state, params, value_fn=..., **data)`` (``value_fn`` optional with
+    ``model_fn``/``loss_fn``). Its state is ``(NewtonCGState, scale state[, line-search
+    state])``.
 
   Examples:
     Linear least squares with the Gauss-Newton curvature converges in one step:
@@ -752,8 +683,7 @@ def newton_cg(
     >>> X, y = jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 7.0]]), jnp.array([1.0, 0.0, 2.0])
     >>> model_fn = lambda w, x: x @ w
     >>> loss_fn = lambda z, y: 0.5 * jnp.sum((z - y) ** 2)
-    >>> tx = newton_cg(model_fn=model_fn, loss_fn=loss_fn, damping=0.0, adapt_damping=False,
-    ...                cg_tol=1e-12)
+    >>> tx = newton_cg(model_fn=model_fn, loss_fn=loss_fn, damping=0.0, adapt_damping=False)
     >>> w = jnp.zeros(2)
     >>> g = jax.grad(lambda w: loss_fn(model_fn(w, X), y))(w)
     >>> updates, state = tx.update(g, tx.init(w), w, x=X, y=y)
@@ -764,24 +694,49 @@ def newton_cg(
   References:
     Martens, "Deep learning via Hessian-free optimization", ICML 2010.
   """
-  direction = scale_by_newton_cg(**options)
-  scaling = optax.scale_by_learning_rate(learning_rate)
-  if linesearch is None:
-    return optax.chain(direction, scaling)
-  linesearch = optax.with_extra_args_support(linesearch)
-  model_fn, loss_fn = options.get("model_fn"), options.get("loss_fn")
-  if options.get("module") is not None:
-    model_fn = _module_model_fn(model_fn, options["module"])
-  derived_value_fn = None if model_fn is None else value_fn_from_model(model_fn, loss_fn)
+  _check_number(
+    "newton_cg: learning_rate",
+    learning_rate,
+    lambda v: v > 0,
+    "> 0 (the step is -learning_rate * d; a Newton step has learning_rate=1)",
+  )
+  direction = scale_by_newton_cg(
+    curvature,
+    solver=solver,
+    damping=damping,
+    model_fn=model_fn,
+    loss_fn=loss_fn,
+    module=module,
+    adapt_damping=adapt_damping,
+    cg_max_steps=cg_max_steps,
+    cg_tol=cg_tol,
+    warm_start=warm_start,
+    preconditioner=preconditioner,
+  )
+  problem = Problem.build("newton_cg", model_fn, loss_fn, module)
+  return _chain(direction, optax.scale_by_learning_rate(learning_rate), linesearch, problem)
+
+
+def _chain(direction, scaling, linesearch, problem: Problem):
+  """``direction``, then ``scaling``, then the optional line search (given what it needs)."""
+  parts = (direction, scaling) if linesearch is None else (direction, scaling, linesearch)
+  linesearch = None if linesearch is None else optax.with_extra_args_support(linesearch)
+  derived_value_fn = problem.value_fn
 
   def init_fn(params):
-    return (direction.init(params), scaling.init(params), linesearch.init(params))
+    return tuple(part.init(params) for part in parts)
 
-  def update_fn(updates, state, params=None, *, value=None, grad=None, value_fn=None, **data):
+  def update_fn(
+    updates, state, params=None, *positional, value=None, grad=None, value_fn=None, **data
+  ):
+    if positional:
+      problem.check_update(positional, data, value_fn)
     d, direction_state = direction.update(
       updates, state[0], params, value=value, grad=grad, value_fn=value_fn, **data
     )
     scaled, scaling_state = scaling.update(d, state[1], params)
+    if linesearch is None:
+      return scaled, (direction_state, scaling_state)
     value_fn = derived_value_fn if value_fn is None else value_fn
     if value_fn is None:
       raise ValueError(
@@ -800,19 +755,3 @@ def newton_cg(
     return new_updates, (direction_state, scaling_state, linesearch_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _options_signature_and_doc() -> tuple[inspect.Signature, str]:
-  """``newton_cg``'s signature and option docs, generated from ``scale_by_newton_cg``'s."""
-  inner = inspect.signature(scale_by_newton_cg)
-  own = inspect.signature(newton_cg).parameters
-  options = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inner.parameters.values()]
-  parameters = [own["learning_rate"], *options, own["linesearch"]]
-  signature = inspect.Signature(parameters, return_annotation=inner.return_annotation)
-  doc = inspect.getdoc(scale_by_newton_cg)
-  args = doc.split("Args:\n", 1)[1].split("\n\nReturns:", 1)[0]
-  return signature, "\n".join("  " + line if line else line for line in args.splitlines())
-
-
-newton_cg.__signature__, _options_doc = _options_signature_and_doc()
-newton_cg.__doc__ = newton_cg.__doc__.replace("    {options}", _options_doc)
