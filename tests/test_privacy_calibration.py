@@ -180,6 +180,7 @@ def test_nnx_global_clipping_divides_by_the_recorded_batch_size():
     (dict(learning_rate=float("nan")), "learning_rate must be > 0 and finite"),
     (dict(l2_norm_clip=float("inf")), "l2_norm_clip must be > 0 and finite"),
     (dict(l2_norm_clip=0.0), "l2_norm_clip must be > 0 and finite"),
+    (dict(l2_norm_clip=jnp.ones(2)), "l2_norm_clip must be one number"),
     (dict(noise_multiplier=float("inf")), "noise_multiplier must be >= 0 and finite"),
     (dict(expected_batch_size=float("inf")), "expected_batch_size must be"),
     (dict(expected_batch_size=True), "expected_batch_size must be"),

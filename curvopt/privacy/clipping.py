@@ -348,12 +348,18 @@ class ClippedSum(NamedTuple):
   clipping: Any = None
 
 
-def static_clip(l2_norm_clip: Any) -> float | None:
-  """``l2_norm_clip`` as a Python float, or ``None`` when it is traced (unknown when tracing)."""
+def static_value(value: Any, name: str = "l2_norm_clip") -> float | None:
+  """``value`` as a Python float, or ``None`` when it is traced (unknown while tracing).
+
+  Raises:
+    ValueError: if ``value`` is not one number.
+  """
   try:
-    return float(l2_norm_clip)
+    return float(value)
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
     return None
+  except TypeError:
+    raise ValueError(f"{name} must be one number; got {value!r}.") from None
 
 
 def clip_record(clipping: Any) -> ClipRecord | None:
@@ -365,7 +371,7 @@ def clip_record(clipping: Any) -> ClipRecord | None:
 
 
 def _record(l2_norm_clip: Any, mode: str, size: int, padded: bool, module: bool) -> Any:
-  record = ClipRecord(static_clip(l2_norm_clip), mode, size, padded)  # type: ignore[arg-type]
+  record = ClipRecord(static_value(l2_norm_clip), mode, size, padded)  # type: ignore[arg-type]
   if not module:
     return record
   from flax import nnx  # noqa: PLC0415 (flax is optional: imported only for Modules)

@@ -30,7 +30,7 @@ from curvopt.privacy.clipping import (
   clip_record,
   clip_sum_grads,
   per_layer_mode,
-  static_clip,
+  static_value,
 )
 
 
@@ -106,7 +106,7 @@ def _check_constant(name: str, value: Any, *, zero_ok: bool = False, fix: str = 
   """
   if isinstance(value, bool):
     raise ValueError(f"{name} must be a number, not a bool; got {value!r}.{fix}")
-  v = static_clip(value)
+  v = static_value(value, name)
   if v is not None and not (math.isfinite(v) and (v >= 0 if zero_ok else v > 0)):
     bound = ">= 0" if zero_ok else "> 0"
     raise ValueError(f"{name} must be {bound} and finite; got {value!r}.{fix}")
@@ -249,7 +249,7 @@ def dp_aggregate(
     _check_constant("expected_batch_size", expected_batch_size, fix=" (sample_rate * N)")
   key = _checks.as_key(key)
   mode = per_layer_mode(per_layer)
-  clip = static_clip(l2_norm_clip)
+  clip = static_value(l2_norm_clip)
 
   def init_fn(params):
     del params
@@ -298,7 +298,7 @@ def dp_aggregate(
 
 
 def _check_momentum(momentum: Any, nesterov: bool) -> None:
-  m = None if momentum is None else static_clip(momentum)
+  m = None if momentum is None else static_value(momentum, "momentum")
   if m is not None and not 0.0 <= m < 1.0:
     raise ValueError(f"momentum must be in [0, 1) (or None for plain SGD); got {momentum!r}.")
   if nesterov and momentum is None:
