@@ -169,14 +169,3 @@ def test_nnx_optimizer_with_dp_sgd_fed_a_ghost_clipped_sum(per_layer):
   ref_sum = clipped_sum_fn(pure, 0.3, method="vmap", per_layer=per_layer)(params, batch)
   updates, _ = tx.update(ref_sum, tx.init(params), params)
   _assert_close(nnx.state(model, nnx.Param), optax.apply_updates(params, updates), rtol=1e-5)
-
-
-def test_nnx_optimizer_global_clipping_without_expected_batch_size_names_the_fix():
-  model = _model()
-  model.eval()
-  optimizer = nnx.Optimizer(
-    model, dp_sgd(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, key=0), wrt=nnx.Param
-  )
-  clipped = clipped_sum_fn(_loss, 1.0, method="ghost")(model, _batch())
-  with pytest.raises(ValueError, match="pass expected_batch_size="):
-    optimizer.update(model, clipped)

@@ -46,6 +46,7 @@ leading example axis, as optax's ``differentially_private_aggregate`` expects), 
 adds the noise and divides, so the privacy-relevant steps are the same on both paths.
 """
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -297,6 +298,31 @@ def guarded_pass(
 # The clipping policy.
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class ClipRecord:
+  """How a :class:`ClippedSum` was clipped: the clip that DP-SGD's noise must be calibrated to.
+
+  A static pytree node (hashable, no array leaves), so it survives ``jit`` (in and out),
+  ``vmap``, ``lax.scan`` and, wrapped in an ``nnx.Param``, the ``wrt`` filter of
+  ``nnx.Optimizer``: :func:`curvopt.dp_aggregate` checks it while tracing, before any noise is
+  drawn.
+
+  Attributes:
+    l2_norm_clip: the clip norm :math:`C` as a Python float; ``None`` if it was a traced value
+      (then unknown while ``dp_sgd`` is traced, which refuses such a sum).
+    mode: ``"global"``, ``"uniform"`` (:math:`C_k = C/\\sqrt K`) or ``"size"``
+      (:math:`C_k = C\\sqrt{D_k/D}`); see :func:`clipped_grad`.
+    batch_size: the static number of rows of the batch (padding included).
+    padded: whether an ``is_padding`` mask was applied.
+  """
+
+  l2_norm_clip: float | None
+  mode: Literal["global", "uniform", "size"]
+  batch_size: int
+  padded: bool
+
+
 class ClippedSum(NamedTuple):
   """The result of clipping a batch, before any division or noise.
 
@@ -308,6 +334,10 @@ class ClippedSum(NamedTuple):
     num_examples: number of real (non-padding) examples, int32.
     num_dropped: real examples dropped because their gradient norm was not finite, int32.
     num_clipped: real, finite examples scaled down (in at least one layer), int32.
+    clipping: the :class:`ClipRecord` of the clip applied (static), wrapped in an
+      ``nnx.Param`` when the parameters are an ``nnx.Module`` (so that ``nnx.Optimizer``'s
+      filter keeps it); ``None`` for a ``ClippedSum`` built by hand, which
+      :func:`curvopt.dp_sgd` refuses.
   """
 
   sum: Params
@@ -315,6 +345,38 @@ class ClippedSum(NamedTuple):
   num_examples: jax.Array
   num_dropped: jax.Array
   num_clipped: jax.Array
+  clipping: Any = None
+
+
+def static_value(value: Any, name: str = "l2_norm_clip") -> float | None:
+  """``value`` as a Python float, or ``None`` when it is traced (unknown while tracing).
+
+  Raises:
+    ValueError: if ``value`` is not one number.
+  """
+  try:
+    return float(value)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return None
+  except TypeError:
+    raise ValueError(f"{name} must be one number; got {value!r}.") from None
+
+
+def clip_record(clipping: Any) -> ClipRecord | None:
+  """The :class:`ClipRecord` in a ``ClippedSum.clipping`` field (unwrapping an ``nnx.Param``)."""
+  if clipping is None or isinstance(clipping, ClipRecord):
+    return clipping
+  value = getattr(clipping, "get_value", None)  # an nnx Variable
+  return clip_record(value()) if callable(value) else None
+
+
+def _record(l2_norm_clip: Any, mode: str, size: int, padded: bool, module: bool) -> Any:
+  record = ClipRecord(static_value(l2_norm_clip), mode, size, padded)  # type: ignore[arg-type]
+  if not module:
+    return record
+  from flax import nnx  # noqa: PLC0415 (flax is optional: imported only for Modules)
+
+  return nnx.Param(record)
 
 
 def _clip_norms(l2_norm_clip: Any, params: Params, mode: str) -> Params:
@@ -374,8 +436,10 @@ def clipped_sum_fn(
   The building block of :func:`clipped_grad` and of :func:`dp_sgd` without per-example
   gradients in memory: ``dp_sgd(...).update(clipped_sum_fn(loss_fn, C, method="ghost")(params,
   batch, is_padding), state, params)`` noises this sum exactly as it would noise the clipped
-  sum of per-example gradients. Use the same ``l2_norm_clip`` in both (the privacy guarantee is
-  that of the clip actually applied here).
+  sum of per-example gradients. The ``ClippedSum`` records the clip norm and mode applied here
+  (:class:`ClipRecord`, static) and ``dp_sgd`` refuses one that differs from its own, so the
+  noise is calibrated to the clip actually applied. Pass ``l2_norm_clip`` as a Python number
+  (a sum clipped at a traced norm is refused by ``dp_sgd``).
 
   Args:
     loss_fn: ``(params, example) -> scalar`` for ONE example.
@@ -405,6 +469,7 @@ def clipped_sum_fn(
 
   def fn(params: Params, batch: Batch, is_padding: Any = None) -> ClippedSum:
     size = _checks.batch_size(batch)
+    record = _record(l2_norm_clip, mode, size, is_padding is not None, _nnx.is_module(params))
     f, params = _nnx.pure(loss_fn, params)
     if is_padding is None:
       is_padding = jnp.zeros((size,), bool)
@@ -421,7 +486,7 @@ def clipped_sum_fn(
     total, sq_norms, _ = guarded_pass(run, f, params, batch, is_padding, weights_of)
     _, norms, dropped, clipped = _policy(sq_norms, is_padding, l2_norm_clip, mode, params)
     count = lambda m: jnp.sum(m, dtype=jnp.int32)
-    return ClippedSum(total, norms, count(~is_padding), count(dropped), count(clipped))
+    return ClippedSum(total, norms, count(~is_padding), count(dropped), count(clipped), record)
 
   return fn
 
@@ -504,6 +569,7 @@ def clipped_grad(
 def clip_sum_grads(grads: Params, is_padding: Any, l2_norm_clip: Any, mode: str) -> ClippedSum:
   """The clipping policy applied to given per-example gradients."""
   size = _checks.batch_size(grads, "updates (per-example gradients)")
+  record = _record(l2_norm_clip, mode, size, is_padding is not None, module=False)
   if is_padding is None:
     is_padding = jnp.zeros((size,), bool)
   is_padding = _check_is_padding(is_padding, size)
@@ -512,7 +578,7 @@ def clip_sum_grads(grads: Params, is_padding: Any, l2_norm_clip: Any, mode: str)
   weights, norms, dropped, clipped = _policy(sq_norms, is_padding, l2_norm_clip, mode, like)
   count = lambda m: jnp.sum(m, dtype=jnp.int32)
   total = _weighted_sum(weights, grads)
-  return ClippedSum(total, norms, count(~is_padding), count(dropped), count(clipped))
+  return ClippedSum(total, norms, count(~is_padding), count(dropped), count(clipped), record)
 
 
 # ------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ privacy-relevant steps (noise on the sum, division by the expected batch size) a
 The privacy spent is :func:`curvopt.privacy.epsilon`.
 """
 
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -22,7 +23,15 @@ import jax.numpy as jnp
 import optax
 
 from curvopt import _checks
-from curvopt.privacy.clipping import ClippedSum, PerLayer, clip_sum_grads, per_layer_mode
+from curvopt.privacy.clipping import (
+  ClippedSum,
+  ClipRecord,
+  PerLayer,
+  clip_record,
+  clip_sum_grads,
+  per_layer_mode,
+  static_value,
+)
 
 
 class DPSGDState(NamedTuple):
@@ -70,6 +79,7 @@ def _as_clipped_sum(updates: Any, params: Any) -> ClippedSum | None:
     updates.get("num_examples", unknown),
     updates.get("num_dropped", unknown),
     updates.get("num_clipped", unknown),
+    updates.get("clipping"),
   )
 
 
@@ -87,6 +97,73 @@ def _check_matches_params(tree: Any, params: Any, what: str, leading_axis: bool)
       + (", with a leading example axis" if leading_axis else "")
       + "; compute them from the same params that are passed to update()."
     ) from None
+
+
+def _check_constant(name: str, value: Any, *, zero_ok: bool = False, fix: str = "") -> None:
+  """``ValueError`` unless a concrete ``value`` is finite and > 0 (>= 0 with ``zero_ok``).
+
+  Traced values (``optax.inject_hyperparams`` under ``jit``) cannot be checked and pass.
+  """
+  if isinstance(value, bool):
+    raise ValueError(f"{name} must be a number, not a bool; got {value!r}.{fix}")
+  v = static_value(value, name)
+  if v is not None and not (math.isfinite(v) and (v >= 0 if zero_ok else v > 0)):
+    bound = ">= 0" if zero_ok else "> 0"
+    raise ValueError(f"{name} must be {bound} and finite; got {value!r}.{fix}")
+
+
+def _check_record(result: ClippedSum, clip: float | None, mode: str, is_padding: Any) -> ClipRecord:
+  """The ``ClippedSum``'s :class:`ClipRecord`, or a ``ValueError`` unless it is dp_sgd's clip.
+
+  Static: raised while tracing, before any noise is drawn.
+  """
+  record = clip_record(result.clipping)
+  if record is None:
+    raise ValueError(
+      "dp_sgd got a ClippedSum that does not record the clip it was built with (built by hand, "
+      "or its 'clipping' field was dropped), so its noise cannot be checked against the clip "
+      "actually applied. Build it with clipped_sum_fn(loss_fn, l2_norm_clip, ...), or pass "
+      "per-example gradients, which dp_sgd clips itself."
+    )
+  if record.l2_norm_clip is None:
+    raise ValueError(
+      "dp_sgd got a ClippedSum built with a traced l2_norm_clip (an argument of a jitted or "
+      "transformed function), so the clip it applied is unknown while dp_sgd is traced and the "
+      "noise cannot be checked against it. Pass l2_norm_clip to clipped_sum_fn as a Python "
+      "number."
+    )
+  if clip is None:
+    raise ValueError(
+      "dp_sgd's l2_norm_clip is a traced value (e.g. under optax.inject_hyperparams), so it "
+      f"cannot be checked against the ClippedSum's clip ({record.l2_norm_clip}) while update is "
+      "traced. Make it static (inject_hyperparams(dp_sgd, static_args=('key', 'l2_norm_clip'))) "
+      "or pass per-example gradients, which dp_sgd clips itself."
+    )
+  if not math.isclose(record.l2_norm_clip, clip, rel_tol=1e-6):
+    raise ValueError(
+      f"dp_sgd(l2_norm_clip={clip}) got a ClippedSum clipped at {record.l2_norm_clip}: the noise "
+      f"N(0, sigma^2 C^2) would be calibrated to C = {clip} while one example can move the sum "
+      f"by up to {record.l2_norm_clip}, so privacy.epsilon(noise_multiplier, ...) would not be "
+      "the privacy spent. Build the ClippedSum and dp_sgd with the same l2_norm_clip."
+    )
+  if record.mode != mode:
+    raise ValueError(
+      f"dp_sgd ({mode} clipping) got a ClippedSum built with {record.mode} clipping; build both "
+      "with the same per_layer."
+    )
+  if is_padding is not None:
+    if not record.padded:
+      raise ValueError(
+        "dp_sgd got is_padding= with a ClippedSum built without it: its padded rows were clipped "
+        "and summed as real examples (poisson_sample pads with copies of example 0, which then "
+        "counts several times). Pass is_padding to the clipped_sum_fn call instead."
+      )
+    if jnp.shape(is_padding) != (record.batch_size,):
+      raise ValueError(
+        f"is_padding has shape {jnp.shape(is_padding)} but the ClippedSum's batch has "
+        f"{record.batch_size} rows."
+      )
+  return record
 
 
 def dp_aggregate(
@@ -114,25 +191,31 @@ def dp_aggregate(
 
   ``update(updates, state, params=None, *, is_padding=None)`` takes either per-example
   gradients (a leading example axis on every leaf, as ``optax.contrib.
-  differentially_private_aggregate``), or a :class:`ClippedSum` from :func:`clipped_sum_fn`
-  (e.g. with ``method="ghost"``, never materialising per-example gradients); ``is_padding`` is
-  ignored for a :class:`ClippedSum`, which already applied it (as were its own clip and
-  ``per_layer``: build it with the same ``l2_norm_clip``). Non-finite examples are
-  dropped and counted in :class:`DPSGDState`. When ``params`` is passed, the gradients (less
-  their example axis) or the ``ClippedSum``'s ``sum`` must have its structure and leaf shapes,
-  or a ``ValueError`` names the leaf.
+  differentially_private_aggregate``), which it clips itself, or a :class:`ClippedSum` from
+  :func:`clipped_sum_fn` (e.g. with ``method="ghost"``, never materialising per-example
+  gradients). Non-finite examples are dropped and counted in :class:`DPSGDState`. When
+  ``params`` is passed, the gradients (less their example axis) or the ``ClippedSum``'s ``sum``
+  must have its structure and leaf shapes, or a ``ValueError`` names the leaf.
+
+  **The noise follows the clip actually applied.** A ``ClippedSum`` records its clip norm, mode
+  and batch (:class:`~curvopt.privacy.clipping.ClipRecord`, a static value), and ``update``
+  refuses, while tracing (eagerly, under ``jit`` and through ``nnx.Optimizer``) and so before
+  any noise is drawn, one whose clip norm or ``per_layer`` mode differs from this
+  transformation's, one without a record, one clipped at a traced norm (or a traced
+  ``l2_norm_clip`` here against a ``ClippedSum``), and ``is_padding=`` given with a
+  ``ClippedSum`` built without it (its padded rows were summed as examples).
 
   Through ``flax.nnx.Optimizer(model, dp_sgd(...), wrt=nnx.Param)``, pass the ``ClippedSum``
   itself: ``optimizer.update(model, clipped_sum_fn(loss_fn, C, method="ghost")(model, batch))``.
-  nnx hands it over as a ``State`` holding only the fields its filter keeps (the ``sum``, and
-  per-layer ``norms``), which is recognised; the dropped and clipped counts are then reported as
-  -1 (unknown) and a global-clipping ``ClippedSum`` needs ``expected_batch_size``. Read the counts
-  from the ``ClippedSum``, and the state's fields through ``optimizer.opt_state[0].<field>``
-  (an ``nnx.OptArray``; ``field[...]`` gives the array).
+  nnx hands it over as a ``State`` holding only the fields its filter keeps (the ``sum``, the
+  record, which is an ``nnx.Param`` for a Module, and per-layer ``norms``), which is recognised;
+  the dropped and clipped counts are then reported as -1 (unknown). Read the counts from the
+  ``ClippedSum``, and the state's fields through ``optimizer.opt_state[0].<field>`` (an
+  ``nnx.OptArray``; ``field[...]`` gives the array).
 
   Args:
-    l2_norm_clip: the clip norm :math:`C \ge 0`.
-    noise_multiplier: :math:`\sigma \ge 0`.
+    l2_norm_clip: the clip norm :math:`C > 0`, finite.
+    noise_multiplier: :math:`\sigma \ge 0`, finite.
     key: a ``jax.random`` key, a raw ``uint32[2]`` key or an int seed; it lives in the state
       and is split each step.
     expected_batch_size: :math:`\bar B > 0`; ``None`` uses the input's leading-axis size.
@@ -140,6 +223,11 @@ def dp_aggregate(
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` with :class:`DPSGDState`.
+
+  Raises:
+    ValueError: at construction, for a negative, zero or infinite ``l2_norm_clip``, a negative
+      or infinite ``noise_multiplier`` or a non-finite or non-positive ``expected_batch_size``;
+      in ``update``, for the mismatches above.
 
   Examples:
     With :math:`\sigma = 0` it is the clipped sum over :math:`\bar B`:
@@ -155,12 +243,13 @@ def dp_aggregate(
   """
   _checks.check_nonnegative("l2_norm_clip", l2_norm_clip)
   _checks.check_nonnegative("noise_multiplier", noise_multiplier)
-  if expected_batch_size is not None and not expected_batch_size > 0:
-    raise ValueError(
-      f"expected_batch_size must be > 0 (sample_rate * num_examples); got {expected_batch_size!r}."
-    )
+  _check_constant("l2_norm_clip", l2_norm_clip, fix=" The noise is calibrated to it.")
+  _check_constant("noise_multiplier", noise_multiplier, zero_ok=True)
+  if expected_batch_size is not None:
+    _check_constant("expected_batch_size", expected_batch_size, fix=" (sample_rate * N)")
   key = _checks.as_key(key)
   mode = per_layer_mode(per_layer)
+  clip = static_value(l2_norm_clip)
 
   def init_fn(params):
     del params
@@ -173,29 +262,23 @@ def dp_aggregate(
     if result is not None:
       if params is not None:
         _check_matches_params(result.sum, params, "the ClippedSum's sum", leading_axis=False)
-      size = None if result.norms is None else jnp.shape(jax.tree.leaves(result.norms)[0])[0]
+      record = _check_record(result, clip, mode, is_padding)
+      size = record.batch_size
+      noise_clip = max(clip, record.l2_norm_clip)  # never below the clip actually applied
     else:
       size = _checks.batch_size(updates, "updates (per-example gradients)")
       if params is not None:
         _check_matches_params(updates, params, "per-example gradients", leading_axis=True)
       result = clip_sum_grads(updates, is_padding, l2_norm_clip, mode)
-    if expected_batch_size is not None:
-      denominator = expected_batch_size
-    elif size is not None:
-      denominator = size
-    else:
-      raise ValueError(
-        "dp_sgd got a ClippedSum without its norms (nnx.Optimizer(..., wrt=...) keeps only the "
-        "fields its filter selects), so the batch size is unknown: pass expected_batch_size= to "
-        "dp_sgd (with Poisson sampling, sample_rate * num_examples)."
-      )
+      noise_clip = l2_norm_clip
+    denominator = size if expected_batch_size is None else expected_batch_size
     next_key, noise_key = jax.random.split(state.key)
     keys = optax.tree.split_key_like(noise_key, result.sum)
 
     def noisy_mean(s, k):
       dtype = jnp.promote_types(s.dtype, jnp.float32)
       noise = jax.random.normal(k, s.shape, dtype)
-      out = (s.astype(dtype) + (noise_multiplier * l2_norm_clip) * noise) / denominator
+      out = (s.astype(dtype) + (noise_multiplier * noise_clip) * noise) / denominator
       return out.astype(s.dtype)
 
     if isinstance(noise_multiplier, int | float) and noise_multiplier == 0:
@@ -212,6 +295,14 @@ def dp_aggregate(
     return out, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_momentum(momentum: Any, nesterov: bool) -> None:
+  m = None if momentum is None else static_value(momentum, "momentum")
+  if m is not None and not 0.0 <= m < 1.0:
+    raise ValueError(f"momentum must be in [0, 1) (or None for plain SGD); got {momentum!r}.")
+  if nesterov and momentum is None:
+    raise ValueError("nesterov=True needs momentum (e.g. momentum=0.9); got momentum=None.")
 
 
 def dp_sgd(
@@ -236,17 +327,22 @@ def dp_sgd(
   (:func:`curvopt.privacy.poisson_sample`).
 
   Args:
-    learning_rate: a float or an optax schedule.
-    l2_norm_clip: the clip norm :math:`C \ge 0`.
+    learning_rate: a float > 0 or an optax schedule.
+    l2_norm_clip: the clip norm :math:`C > 0`.
     noise_multiplier: :math:`\sigma \ge 0`.
     key: a ``jax.random`` key or an int seed for the noise.
     expected_batch_size: :math:`\bar B`; ``None`` uses the leading-axis size.
-    momentum: optional heavy-ball momentum (``None`` for plain SGD).
-    nesterov: use Nesterov momentum.
+    momentum: optional heavy-ball momentum in :math:`[0, 1)` (``None`` for plain SGD).
+    nesterov: use Nesterov momentum (needs ``momentum``).
     per_layer: ``False``, ``True``/``"uniform"`` or ``"size"``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
+
+  Raises:
+    ValueError: for a constant ``learning_rate`` that is not finite and > 0, a ``momentum``
+      outside :math:`[0, 1)`, ``nesterov`` without ``momentum``, or what :func:`dp_aggregate`
+      refuses.
 
   Examples:
     >>> opt = dp_sgd(0.5, l2_norm_clip=1.0, noise_multiplier=0.0, key=0)
@@ -259,6 +355,9 @@ def dp_sgd(
   References:
     Abadi et al., "Deep learning with differential privacy", CCS 2016.
   """
+  if not callable(learning_rate):
+    _check_constant("learning_rate", learning_rate, fix=" (or pass an optax schedule)")
+  _check_momentum(momentum, nesterov)
   return optax.chain(
     dp_aggregate(
       l2_norm_clip,
