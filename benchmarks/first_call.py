@@ -5,7 +5,8 @@ cache off), as a user's first call would, on the autoencoder of ``benchmarks/new
 (digits, 64-32-16-8-16-32-64, 1797 images):
 
 * ``adam``: one jitted training step, ``value_and_grad`` + ``optax.adam`` (the baseline);
-* ``newton_cg``: one jitted ``newton_cg`` step with defaults (GGN curvature, truncated CG);
+* ``newton_cg``: one jitted ``newton_cg`` step with defaults (GGN curvature; ``solver="auto"``
+  chooses truncated CG for this model);
 * ``newton_cg_nystrom``: the same with ``solver="nystrom"``;
 * ``top_eigenvalues``: the 5 largest GGN eigenvalues by 20 Lanczos iterations;
 * ``spectral_density``: SLQ of the GGN, 20 iterations x 4 runs;
@@ -52,9 +53,8 @@ def _build(row: str):
     if row == "adam":
       tx = optax.adam(1e-3)
     else:
-      tx = curvopt.newton_cg(
-        model_fn=model_fn, loss_fn=loss_fn, solver="nystrom" if row.endswith("nystrom") else "cg"
-      )
+      solver = "nystrom" if row.endswith("nystrom") else "auto"
+      tx = curvopt.newton_cg(model_fn=model_fn, loss_fn=loss_fn, solver=solver)
 
     def step(params, state, x):
       value, grads = jax.value_and_grad(value_fn)(params, x=x)

@@ -184,6 +184,7 @@ def gauss_newton_rows(
   loss_fn: Callable[[Any], jax.Array],
   params: Params,
   data: dict,
+  groups: tuple[OutputGroup, ...] | None = None,
 ) -> GaussNewtonRows | None:
   r"""The per-row factor of the Gauss-Newton matrix of ``loss_fn(model_fn(params, **data))``.
 
@@ -192,6 +193,7 @@ def gauss_newton_rows(
     loss_fn: ``outputs -> scalar``, a sum or mean of per-row terms.
     params: the point.
     data: the model's data keyword arguments.
+    groups: :func:`output_groups` of the model, if already known.
 
   Returns:
     A :class:`GaussNewtonRows`, or ``None`` when ``model_fn`` is not row-separable by shapes
@@ -207,7 +209,7 @@ def gauss_newton_rows(
     >>> rows.row_fn(0, jnp.arange(3)).tolist(), rows.residual.tolist()
     ([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], [0.0, 3.0, 4.0])
   """
-  groups = output_groups(model_fn, params, data)
+  groups = output_groups(model_fn, params, data) if groups is None else groups
   if groups is None:
     return None
   outputs = model_fn(params, **data)

@@ -76,7 +76,7 @@ class GramFactor(NamedTuple):
       (``None``: all at once).
     gram: ``chunk_rows -> F^T F``, shape ``(n, n)``, accumulated over chunks of rows, so
       that only ``chunk_rows`` rows are in memory at once.
-    residual: :math:`r` with the gradient part of ``b`` equal to :math:`F^\top r`, shape
+    residual: ``() -> r`` with the gradient part of ``b`` equal to :math:`F^\top r`, shape
       ``(m,)``, or ``None``.
     rows_cost: floating-point operations to form all rows (for :class:`Auto`).
   """
@@ -84,7 +84,7 @@ class GramFactor(NamedTuple):
   num_rows: int
   matrix: Callable[[int | None], jax.Array]
   gram: Callable[[int | None], jax.Array]
-  residual: jax.Array | None
+  residual: Callable[[], jax.Array] | None
   rows_cost: float
 
 
@@ -358,7 +358,8 @@ class Dense:
           "Dense(space='samples') needs a curvature with per-example rows (the GGN of a "
           "per-example loss, or the empirical Fisher); use Dense(space='params') or CG."
         )
-      return state, system.factor.matrix(self.chunk_rows(system))
+      residual = None if system.factor.residual is None else system.factor.residual()
+      return state, (system.factor.matrix(self.chunk_rows(system)), residual)
     if system.factor is not None:
       return state, system.factor.gram(self.chunk_rows(system))
     return state, dense_lib.dense_matrix(lambda v: system.matvec((v,))[0], system.like[0])
@@ -370,7 +371,7 @@ class Dense:
   def solve(self, system, work, b, damping, x0, *, backtrack_fn=None):
     del x0, backtrack_fn
     if self.space == "samples":
-      result = dense_lib.kernel_solve(work, b[0], damping, system.factor.residual)
+      result = dense_lib.kernel_solve(work[0], b[0], damping, work[1])
     else:
       result = dense_lib.damped_dense_solve(work, b[0], damping)
     return result._replace(x=(result.x,))
@@ -387,44 +388,50 @@ class Auto:
   :math:`n` parameters, :math:`m` rows of the curvature's :class:`GramFactor` (examples
   times outputs; absent for the Hessian), :math:`c` the cost of one curvature product and
   :math:`c_F` the cost of forming all rows (both in floating-point operations, from XLA's
-  cost analysis of the model). Each candidate is costed for an exact solve of the damped
-  system:
+  cost analysis of the model):
 
   ============================  ===========================================================
-  solver                        cost
+  solver                        cost of one update
   ============================  ===========================================================
-  ``Dense("params")``           :math:`c_F + m n^2 + n^3/3` (or :math:`n c + n^3/3` from
-                                products, without a factor)
-  ``Dense("samples")``          :math:`c_F + m^2 n + m^3/3` (needs a factor)
-  ``CG``                        :math:`k\,(c + o)`, :math:`k = \min(n, m + 1)`
+  ``Dense("params")``           :math:`w c_F + m n^2 + n^3/3` (or :math:`w n c + n^3/3`
+                                from :math:`n` products, without a factor)
+  ``Dense("samples")``          :math:`w c_F + m^2 n + m^3/3` (needs a factor)
+  ``CG``                        :math:`k\,(w c + o)`, :math:`k = \min(n, m + 1,`
+                                ``max_steps``:math:`)`
   ============================  ===========================================================
 
-  where :math:`k` is the number of products after which CG solves the damped system exactly
-  (in exact arithmetic: :math:`C` has rank at most :math:`m`, so :math:`C + \lambda I` has at
-  most :math:`m + 1` distinct eigenvalues) and :math:`o` = ``loop_overhead`` the fixed cost of
-  one CG iteration (a loop trip and its vector operations). All candidates are thus costed for
-  the same exact step; CG wins where products are cheap relative to forming a matrix (large
-  models, or many residuals per parameter), and is then run truncated, as Hessian-free
-  optimisation runs it. A dense candidate is admitted only when its
+  :math:`k` bounds the products CG takes: at most ``max_steps``, and at most the
+  :math:`m + 1` distinct eigenvalues of :math:`C + \lambda I` (exact arithmetic; :math:`C`
+  has rank at most :math:`m`). A floating-point operation inside an autodiff product (many
+  small kernels, transcendental functions, a loop) costs more than one inside dense matrix
+  algebra (matrix products, Cholesky, which run near peak): :math:`w` = ``product_weight``
+  says how many. :math:`o` = ``loop_overhead`` is the fixed cost of one CG iteration (a
+  loop trip and its vector operations). A dense candidate is admitted only when its
   matrices fit in ``memory_limit`` (:math:`n^2` or :math:`m^2 + m n` numbers) and the
   parameters share one dtype; the cheapest admitted candidate wins (ties: parameter space,
-  then sample space, then CG). So small models (PINNs, a few hundred parameters) get the
-  exact Gauss-Newton step, networks with more parameters than residuals the sample-space
-  step, and large models CG. The choice is reported in Newton-CG's ``solver`` diagnostic
-  (a :class:`SolverKind`). ``Auto`` only chooses: the optimiser calls ``resolve`` and
-  uses the chosen solver's ``prepare`` and ``solve`` (its state is the CG candidate's, which
-  the dense solvers pass through unchanged).
+  then sample space, then CG). On CPU this gives, for the reference problems of the tests:
+  the parameter-space step for small models (a 257-parameter PINN, a Moré-Garbow-Hillstrom
+  function), the sample-space step for a network with more parameters than residuals (5-D
+  Poisson with 10,065 parameters and 3,500 points), and CG for logistic regression on digits
+  (650 parameters, 17,970 rows) and larger networks. A dense step is exact, so where both
+  cost about the same it also makes more progress per update. The choice is reported in
+  Newton-CG's ``solver`` diagnostic (a :class:`SolverKind`). ``Auto`` only chooses: the
+  optimiser calls ``resolve`` and uses the chosen solver's ``prepare`` and ``solve`` (its
+  state is the CG candidate's, which the dense solvers pass through unchanged).
 
   Attributes:
     cg: the :class:`CG` used when CG is chosen.
     memory_limit: bytes the dense matrices may take.
     loop_overhead: the cost :math:`o`, in floating-point operations, of one CG iteration
       besides its product.
+    product_weight: the cost :math:`w` of a floating-point operation inside a product,
+      relative to one in dense matrix algebra.
   """
 
   cg: CG = CG()
   memory_limit: int = 2**30
   loop_overhead: float = 1e6
+  product_weight: float = 4.0
   kind = SolverKind.OTHER
 
   def __post_init__(self):
@@ -439,17 +446,18 @@ class Auto:
     """The cost of each admitted candidate (see the class docstring)."""
     n = sum(v.size for v in system.like)
     itemsize = max(v.dtype.itemsize for v in system.like)
-    factor, c = system.factor, system.product_cost
+    factor, w = system.factor, self.product_weight
+    c = None if system.product_cost is None else w * system.product_cost
     m = None if factor is None else factor.num_rows
-    k = min(n, n if m is None else m + 1)
+    k = min(n, self.cg.max_steps, n if m is None else m + 1)
     costs = {"cg": k * ((c or 0.0) + self.loop_overhead)}
     if len(system.like) != 1:
       return costs
     if n * n * itemsize <= self.memory_limit and (factor is not None or c is not None):
-      build = factor.rows_cost + m * n * n if factor is not None else n * c
+      build = w * factor.rows_cost + m * n * n if factor is not None else n * c
       costs["params"] = build + n**3 / 3
     if factor is not None and (m * m + m * n) * itemsize <= self.memory_limit:
-      costs["samples"] = factor.rows_cost + m * m * n + m**3 / 3
+      costs["samples"] = w * factor.rows_cost + m * m * n + m**3 / 3
     return costs
 
   def resolve(self, system):

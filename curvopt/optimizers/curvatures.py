@@ -187,13 +187,25 @@ def _matrix_of_rows(rows: gram.GaussNewtonRows, chunk: int | None) -> jax.Array:
   return jnp.concatenate(blocks, axis=0)
 
 
-def gauss_newton_factor(rows: gram.GaussNewtonRows, rows_cost: float) -> GramFactor:
-  """The :class:`~curvopt.linalg.solvers.GramFactor` of :class:`gram.GaussNewtonRows`."""
+def gauss_newton_factor(
+  build: Callable[[], gram.GaussNewtonRows], num_rows: int, rows_cost: float
+) -> GramFactor:
+  """The :class:`~curvopt.linalg.solvers.GramFactor` of the rows ``build()`` returns.
+
+  The rows are traced only if a solver asks for them (a CG update never does).
+  """
+  cache = []
+
+  def rows() -> gram.GaussNewtonRows:
+    if not cache:
+      cache.append(build())
+    return cache[0]
+
   return GramFactor(
-    num_rows=rows.num_rows,
-    matrix=lambda chunk: _matrix_of_rows(rows, chunk),
-    gram=lambda chunk: _gram_of_rows(rows, chunk),
-    residual=rows.residual,
+    num_rows=num_rows,
+    matrix=lambda chunk: _matrix_of_rows(rows(), chunk),
+    gram=lambda chunk: _gram_of_rows(rows(), chunk),
+    residual=lambda: rows().residual,
     rows_cost=rows_cost,
   )
 
@@ -264,10 +276,12 @@ class GGN:
     matvec = products.ggn_fn(model, loss, params)
     forward = cost.flops(lambda p: loss(model(p)), params)
     factor = None
-    rows = gram.gauss_newton_rows(problem.model_fn, loss, params, model_data)
-    if rows is not None and forward is not None:
-      width = max(g.width for g in rows.groups)
-      factor = gauss_newton_factor(rows, (2 * width + 1) * forward)
+    groups = gram.output_groups(problem.model_fn, params, model_data)
+    if groups is not None and forward is not None:
+      build = lambda: gram.gauss_newton_rows(problem.model_fn, loss, params, model_data, groups)
+      width = max(g.width for g in groups)
+      num_rows = sum(g.size * g.width for g in groups)
+      factor = gauss_newton_factor(build, num_rows, (2 * width + 1) * forward)
     product_cost = None if forward is None else 3 * forward
     return CurvatureOperator(matvec, factor, product_cost, data, bind(value_fn, data))
 
@@ -303,7 +317,7 @@ class Fisher:
 
     factor = None
     if forward is not None:
-      residual = jnp.full((num,), 1.0 / jnp.sqrt(num), rows_dtype)
+      residual = lambda: jnp.full((num,), 1.0 / jnp.sqrt(num), rows_dtype)
       factor = GramFactor(
         num, rows, lambda chunk: _gram(rows(chunk)), residual, rows_cost=3 * forward
       )
