@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _timing import interleaved_median_seconds, print_table  # noqa: E402
 
+import curvopt  # noqa: E402
 from curvopt.curvature.products import ggn_fn  # noqa: E402
 from curvopt.linalg.cg import conjugate_gradient  # noqa: E402
 from curvopt.linalg.layout import canonical_convolutions  # noqa: E402
@@ -163,12 +164,8 @@ def newton_candidates(batch_size=256):
   tx = newton_module.newton_cg(
     model_fn=model_fn,
     loss_fn=loss_fn,
-    damping=1e-3,
-    cg_max_steps=NUM_PRODUCTS,
-    cg_tol=1e-30,
-    cg_progress_tol=None,
-    accept_ratio=None,
-    adapt_damping=False,
+    damping=curvopt.LevenbergMarquardt(init=1e-3, adapt=False, accept_ratio=None),
+    solver=curvopt.CG(max_steps=NUM_PRODUCTS, tol=1e-30, progress_tol=None),
   )
   state = tx.init(params)
 

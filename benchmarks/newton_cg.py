@@ -35,6 +35,7 @@ import scipy.optimize  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
+import curvopt  # noqa: E402
 from curvopt.linalg.cg import CGResult  # noqa: E402
 from curvopt.optimizers.newton_cg import newton_cg, value_fn_from_model  # noqa: E402
 
@@ -90,9 +91,7 @@ def logistic_benchmark(repeats):
   ls = optax.scale_by_backtracking_linesearch(max_backtracking_steps=20)
   hessian_tx = newton_cg(
     curvature="hessian",
-    damping=0.0,
-    adapt_damping=False,
-    accept_ratio=None,
+    damping=curvopt.LevenbergMarquardt(init=0.0, adapt=False, accept_ratio=None),
     cg_tol="forcing",
     cg_max_steps=200,
     warm_start=0.0,
@@ -266,18 +265,18 @@ def autoencoder_benchmark(epochs, ncg_steps, lbfgs_steps, plot):
     "curvopt newton_cg (GGN, defaults, martens)": (dict(preconditioner="martens"), ncg_steps // 2),
     f"curvopt newton_cg (GGN {CURVATURE_BATCH}, tuned)": (
       dict(
-        cg_max_steps=50,
-        curvature_batch_size=CURVATURE_BATCH,
-        preconditioner=martens_diagonal,
-        damping_bounds=(1e-3, 1e8),
-        accept_ratio=None,
+        curvature=curvopt.GGN(batch_size=CURVATURE_BATCH),
+        solver=curvopt.CG(
+          max_steps=50, preconditioner=curvopt.DiagonalPreconditioner(martens_diagonal)
+        ),
+        damping=curvopt.LevenbergMarquardt(bounds=(1e-3, 1e8), accept_ratio=None),
       ),
       ncg_steps,
     ),
   }
   for name, (kwargs, steps) in variants.items():
     tx = newton_cg(model_fn=model_fn, loss_fn=loss_fn, **kwargs)
-    shuffle = "curvature_batch_size" in kwargs
+    shuffle = "curvature" in kwargs
 
     @jax.jit
     def ncg_step(params, state, key, x, tx=tx, shuffle=shuffle):
@@ -420,25 +419,41 @@ def compile_benchmark():
   params0 = _init_autoencoder(jax.random.PRNGKey(0))
   value_fn = value_fn_from_model(model_fn, loss_fn)
 
-  def scaled_identity(matvec, b, x0=None, *, damping=0.0, preconditioner=None, **unused):
-    """A closed-form SolveFn (no loop): x = b / (1 + damping), its model value for rho."""
-    del matvec, x0, preconditioner, unused
-    x = optax.tree.scale(1.0 / (1.0 + damping), b)
-    zero = jnp.zeros((), jnp.int32)
-    phi = -0.5 * optax.tree.vdot(b, x)
-    return CGResult(x, zero, jnp.zeros(()), phi, zero, False, True, zero, jnp.inf)
+  class ScaledIdentity:
+    """A closed-form solver (no loop): x = b / (1 + damping), its model value for rho."""
 
+    kind = curvopt.SolverKind.OTHER
+
+    def init(self, like):
+      return ()
+
+    def resolve(self, system):
+      return self
+
+    def prepare(self, system, state, count):
+      return state, None
+
+    def initial_guess(self, previous):
+      return None
+
+    def solve(self, system, work, b, damping, x0, *, backtrack_fn=None):
+      x = optax.tree.scale(1.0 / (1.0 + damping), b)
+      zero = jnp.zeros((), jnp.int32)
+      phi = -0.5 * optax.tree.vdot(b, x)
+      return CGResult(x, zero, jnp.zeros(()), phi, zero, False, True, zero, jnp.inf)
+
+  lm = curvopt.LevenbergMarquardt
   variants = {
     "adam": lambda: optax.adam(1e-3),
     "newton_cg defaults": lambda: newton_cg(model_fn=model_fn, loss_fn=loss_fn),
     "  no retries (max_retries=0)": lambda: newton_cg(
-      model_fn=model_fn, loss_fn=loss_fn, max_retries=0
+      model_fn=model_fn, loss_fn=loss_fn, damping=lm(max_retries=0)
     ),
-    "  no rho (adapt_damping=False, accept_ratio=None)": lambda: newton_cg(
-      model_fn=model_fn, loss_fn=loss_fn, adapt_damping=False, accept_ratio=None
+    "  no rho (adapt=False, accept_ratio=None)": lambda: newton_cg(
+      model_fn=model_fn, loss_fn=loss_fn, damping=lm(adapt=False, accept_ratio=None)
     ),
     "  no CG loop (closed-form user solve)": lambda: newton_cg(
-      model_fn=model_fn, loss_fn=loss_fn, solver=scaled_identity
+      model_fn=model_fn, loss_fn=loss_fn, solver=ScaledIdentity()
     ),
     "  + martens preconditioner": lambda: newton_cg(
       model_fn=model_fn, loss_fn=loss_fn, preconditioner="martens"

@@ -45,6 +45,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from _timing import median_seconds, print_table  # noqa: E402
 
+import curvopt  # noqa: E402
 from curvopt import (  # noqa: E402
   clipped_sum_fn,
   dp_sgd,
@@ -110,9 +111,7 @@ def make_steps():
     model_fn=model_fn,
     loss_fn=loss_fn,
     damping=1.0,
-    cg_max_steps=CG_STEPS,
-    cg_tol=0.0,
-    cg_progress_tol=None,
+    solver=curvopt.CG(max_steps=CG_STEPS, tol=0.0, progress_tol=None),
   )
 
   def newton_step(params, state, x, y):
