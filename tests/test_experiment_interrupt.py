@@ -162,3 +162,15 @@ def test_progress_under_a_seconds_budget_shows_time_not_steps():
 def test_a_budget_needs_steps_or_seconds():
   with pytest.raises(config_lib.ConfigError, match="'budget.steps'"):
     _load(QUICKSTART, ["budget.steps=null"])
+
+
+def test_every_config_states_its_expected_time_and_is_in_the_table():
+  import glob
+
+  with open(os.path.join(ROOT, "docs", "launcher.md")) as f:
+    table = f.read()
+  for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))):
+    name = os.path.basename(path).removesuffix(".yaml")
+    with open(path) as f:
+      assert "# Expected time: " in f.read(), name
+    assert f"\n| {name} | " in table, name
