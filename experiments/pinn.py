@@ -435,6 +435,8 @@ def write_report(task: Pinn, run_dir: str, records: list[dict]) -> str:
   runs = {label: min(seeds.items())[1] for label, seeds in group(records).items()}  # 1st seed
   _plot_curves(task, runs, os.path.join(run_dir, "pinn_curves.png"))
   preds = _latest_arrays(run_dir)
+  order = list(runs)  # the config's order; labels not found (slugged) go last
+  preds = dict(sorted(preds.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
   if preds:
     l2 = {label: max(rs, key=lambda r: r["step"]).get("l2_error") for label, rs in runs.items()}
     _plot_solutions(task, preds, l2, os.path.join(run_dir, "solution.png"))
