@@ -230,7 +230,7 @@ def main():
   m = args.trace_matvecs
   keys = jax.random.split(jax.random.key(1), 10)
   hutch_fn = jax.jit(lambda key: hutchinson_trace(matvec, params, key, num_samples=m).estimate)
-  pp_fn = jax.jit(lambda key: hutchpp_trace(matvec, params, key, num_matvecs=m).estimate)
+  pp_fn = jax.jit(lambda key: hutchpp_trace(matvec, params, key, num_samples=m).estimate)
   exact_trace = np.trace(hess)
   rms = lambda fn: float(np.sqrt(np.mean([(float(fn(kk)) - exact_trace) ** 2 for kk in keys])))
   _, t_h = timed(hutch_fn, keys[0], repeats=args.repeats)

@@ -89,6 +89,7 @@ from curvopt.privacy.clipping import (
 )
 from curvopt.privacy.dp_sgd import DPSGDState, dp_aggregate, dp_sgd
 from curvopt.privacy.per_example import per_example_grads
+from curvopt.recipes.batch_stats import recompute_batch_stats
 from curvopt.recipes.meta import MamlAux, maml_loss
 from curvopt.recipes.targets import lambda_returns, td0_loss, td_target
 
@@ -186,6 +187,7 @@ __all__ = [
   "per_example_grads",
   "privacy",
   "recipes",
+  "recompute_batch_stats",
   "scale_by_newton_cg",
   "sharding",
   "spectral_density",

@@ -269,69 +269,112 @@ def _latest_arrays(run_dir: str) -> dict[str, np.ndarray]:
 
 
 def write_report(task: Pinn, run_dir: str, records: list[dict]) -> str:
-  """Writes ``solution.png`` and ``pinn_curves.png``; returns a Markdown table."""
+  r"""Writes ``solution.png`` and ``pinn_curves.png``; returns a Markdown table.
+
+  ``solution.png``: the exact solution once, then one column per optimiser with its last
+  prediction (on the exact solution's colour scale) and its error :math:`|u_\theta - u^\star|`
+  on one logarithmic colour scale shared by all optimisers, so the panels compare.
+  ``pinn_curves.png``: loss and L2 error against steps (logarithmic axis, so a few hundred
+  second-order steps and 10⁵ Adam steps both show) and against training seconds.
+  """
   import matplotlib
 
   matplotlib.use("Agg", force=False)
-  import matplotlib.pyplot as plt
-
   from curvopt.experiment.records import group
 
-  runs = group(records)
-  # loss and L2 error against steps and seconds
-  fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-  for label, seeds in runs.items():
-    rs = sorted(next(iter(seeds.values())), key=lambda r: r["step"])
-    for row, key in enumerate(("pde_loss", "l2_error")):
-      vals = [r.get(key) for r in rs]
-      axes[row, 0].semilogy([r["step"] for r in rs], vals, label=label)
-      axes[row, 1].semilogy([r["wall_time"] for r in rs], vals, label=label)
-  for row, key in enumerate(("pde_loss", "l2_error")):
-    for col, xlabel in enumerate(("step", "training time (s)")):
-      axes[row, col].set_xlabel(xlabel)
-      axes[row, col].set_ylabel(key)
-      axes[row, col].grid(alpha=0.3)
-  axes[0, 0].legend()
-  fig.suptitle(f"PINN {task.problem}")
-  fig.tight_layout()
-  fig.savefig(os.path.join(run_dir, "pinn_curves.png"), dpi=100)
-  plt.close(fig)
-
+  runs = {label: min(seeds.items())[1] for label, seeds in group(records).items()}  # 1st seed
+  _plot_curves(task, runs, os.path.join(run_dir, "pinn_curves.png"))
   preds = _latest_arrays(run_dir)
+  order = list(runs)  # the config's order; labels not found (slugged) go last
+  preds = dict(sorted(preds.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
   if preds:
-    n = task.cfg.plot_grid
-    exact = np.asarray(exact_solution(task.problem, task.plot_points)).reshape(n, n)
-    fig, axes = plt.subplots(len(preds), 3, figsize=(11, 3.3 * len(preds)), squeeze=False)
-    names = ("x_1", "x_2") if task.problem != "heat" else ("t", "x")
-    for i, (label, u) in enumerate(preds.items()):
-      u = u.reshape(n, n)
-      for j, (title, z) in enumerate(
-        (("prediction", u), ("exact", exact), ("|error|", np.abs(u - exact)))
-      ):
-        im = axes[i, j].imshow(z.T, origin="lower", extent=(0, 1, 0, 1), cmap="viridis")
-        axes[i, j].set_title(f"{label}: {title}" if j != 1 else title)
-        axes[i, j].set_xlabel(names[0])
-        axes[i, j].set_ylabel(names[1])
-        fig.colorbar(im, ax=axes[i, j], format="%.1e" if j == 2 else None)
-    if task.dim > 2:
-      fig.suptitle("slice x_3 = x_4 = x_5 = 0.5")
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "solution.png"), dpi=90)
-    plt.close(fig)
-
+    l2 = {label: max(rs, key=lambda r: r["step"]).get("l2_error") for label, rs in runs.items()}
+    _plot_solutions(task, preds, l2, os.path.join(run_dir, "solution.png"))
   lines = [
     "| optimiser | steps | seconds | s/step | loss | l2_error | relative_l2_error |",
     "|---|---|---|---|---|---|---|",
   ]
-  for label, seeds in runs.items():
-    last = max(next(iter(seeds.values())), key=lambda r: r["step"])
+  for label, rs in runs.items():
+    last = max(rs, key=lambda r: r["step"])
     per_step = last["wall_time"] / max(last["step"], 1)
     lines.append(
       f"| {label} | {last['step']} | {last['wall_time']:.1f} | {per_step:.3g} | "
-      f"{last.get('pde_loss', float('nan')):.3g} | {last.get('l2_error', float('nan')):.3g} | "
-      f"{last.get('relative_l2_error', float('nan')):.3g} |"
+      f"{_num(last.get('pde_loss'))} | {_num(last.get('l2_error'))} | "
+      f"{_num(last.get('relative_l2_error'))} |"
     )
   return (
-    "### PINN\n\n" + "\n".join(lines) + "\n\nPlots: `solution.png` (prediction, exact, error), "
-    "`pinn_curves.png` (loss and L2 error).\n"
+    "### PINN\n\n" + "\n".join(lines) + "\n\nPlots: `solution.png` (exact solution, then each "
+    "optimiser's prediction and error), `pinn_curves.png` (loss and L2 error).\n"
   )
+
+
+def _num(value: float | None) -> str:
+  return "—" if value is None else f"{value:.3g}"
+
+
+def _plot_curves(task: Pinn, runs: dict[str, list[dict]], path: str) -> None:
+  """Loss and L2 error against steps (log axis, step 0 left out) and training seconds."""
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(2, 2, figsize=(12, 8), layout="constrained")
+  for label, rs in runs.items():
+    rs = sorted(rs, key=lambda r: r["step"])
+    for row, key in enumerate(("pde_loss", "l2_error")):
+      vals = np.array([np.nan if r.get(key) is None else r[key] for r in rs], np.float64)
+      steps = np.array([r["step"] for r in rs])
+      (line,) = axes[row, 0].loglog(steps[steps > 0], vals[steps > 0], label=label)
+      times = [r["wall_time"] for r in rs]
+      axes[row, 1].semilogy(times, vals, label=label, color=line.get_color())
+  for row, key in enumerate(("pde_loss", "l2_error")):
+    for col, xlabel in enumerate(("step (log scale)", "training time (s)")):
+      axes[row, col].set_xlabel(xlabel)
+      axes[row, col].set_ylabel(key)
+      axes[row, col].grid(alpha=0.3)
+      axes[row, col].grid(alpha=0.1, which="minor")
+  axes[0, 1].legend(fontsize=9)
+  fig.suptitle(f"PINN {task.problem}")
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def _plot_solutions(
+  task: Pinn, preds: dict[str, np.ndarray], l2_errors: dict[str, float], path: str
+) -> None:
+  """The exact solution once; per optimiser its prediction and error, on shared scales."""
+  import matplotlib.pyplot as plt
+  from matplotlib.colors import LogNorm
+
+  n = task.cfg.plot_grid
+  exact = np.asarray(exact_solution(task.problem, task.plot_points)).reshape(n, n)
+  errors = {label: np.abs(u.reshape(n, n) - exact) for label, u in preds.items()}
+  top = max(float(e.max()) for e in errors.values())
+  positive = [float(e[e > 0].min()) for e in errors.values() if (e > 0).any()]
+  low = max(min(positive, default=top), top * 1e-8) if top > 0 else 1e-16
+  norm = LogNorm(vmin=low, vmax=max(top, low * 10))
+  names = ("$t$", "$x$") if task.problem == "heat" else ("$x_1$", "$x_2$")
+  cols = len(preds) + 1
+  fig, axes = plt.subplots(2, cols, figsize=(2.7 * cols + 1.0, 5.6), layout="constrained")
+  panel = {"origin": "lower", "extent": (0, 1, 0, 1)}
+  solution = axes[0, 0].imshow(exact.T, cmap="viridis", **panel)
+  axes[0, 0].set_title("exact solution")
+  axes[1, 0].axis("off")
+  for j, (label, u) in enumerate(preds.items(), start=1):
+    axes[0, j].imshow(u.reshape(n, n).T, cmap="viridis", norm=solution.norm, **panel)
+    axes[0, j].set_title(label, fontsize=10)
+    error = axes[1, j].imshow(np.maximum(errors[label], low).T, cmap="magma", norm=norm, **panel)
+  for ax in axes.flat:
+    if ax.axison:
+      ax.set_xlabel(names[0])
+      ax.set_ylabel(names[1])
+      ax.set_xticks([0, 0.5, 1])
+      ax.set_yticks([0, 0.5, 1])
+  key = "top row: prediction\nbottom row: |u - u*|\n\nL2 error:\n" + "\n".join(
+    f"{label}: {_num(l2_errors.get(label))}" for label in preds
+  )
+  axes[1, 0].text(0.0, 0.95, key, va="top", fontsize=9, transform=axes[1, 0].transAxes)
+  fig.colorbar(solution, ax=axes[0, :], shrink=0.9, label="u")
+  fig.colorbar(error, ax=axes[1, :], shrink=0.9, label="|u - u*| (shared, log scale)")
+  slice_note = " (slice x_3 = x_4 = x_5 = 0.5)" if task.dim > 2 else ""
+  fig.suptitle(f"PINN {task.problem}{slice_note}: last evaluated prediction of each optimiser")
+  fig.savefig(path, dpi=90)
+  plt.close(fig)

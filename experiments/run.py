@@ -42,4 +42,4 @@ def _loader(module_name: str):
 TASKS = {name: _loader(module) for name, module in TASK_MODULES.items()}
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:], tasks=TASKS, prog="experiments/run.py"))
+  sys.exit(main(sys.argv[1:], tasks=TASKS, prog=sys.argv[0]))

@@ -100,7 +100,7 @@ def test_hutchinson_trace_single_sample_has_infinite_stderr():
 def test_hutchpp_exact_for_low_rank():
   u = np.random.default_rng(0).normal(size=(40, 3))
   a = u @ u.T  # rank 3 <= 9 // 3
-  est = hutchpp_trace(dense_matvec(a, jnp.float64), jnp.zeros(40), jax.random.key(2), num_matvecs=9)
+  est = hutchpp_trace(dense_matvec(a, jnp.float64), jnp.zeros(40), jax.random.key(2), num_samples=9)
   np.testing.assert_allclose(float(est.estimate), np.trace(a), rtol=1e-10)
   assert float(est.stderr) < 1e-10
 
@@ -112,7 +112,7 @@ def test_hutchpp_unbiased_and_lower_variance_than_hutchinson():
   like = jnp.zeros(n, dtype)
   matvec = dense_matvec(a, dtype)
   keys = jax.random.split(jax.random.key(5), reps)
-  pp = jax.jit(jax.vmap(lambda k: hutchpp_trace(matvec, like, k, num_matvecs=m).estimate))(keys)
+  pp = jax.jit(jax.vmap(lambda k: hutchpp_trace(matvec, like, k, num_samples=m).estimate))(keys)
   hutch = jax.jit(jax.vmap(lambda k: hutchinson_trace(matvec, like, k, num_samples=m).estimate))(
     keys
   )
@@ -439,7 +439,7 @@ def test_one_trace_of_matvec_per_loop_and_no_recompilation():
       ValueError,
       "distribution 'normal'",
     ),
-    (lambda m, x, k: hutchpp_trace(m, x, k, num_matvecs=2), ValueError, "at least 3"),
+    (lambda m, x, k: hutchpp_trace(m, x, k, num_samples=2), ValueError, "at least 3"),
     (lambda m, x, k: hutchinson_diagonal(m, x, k, num_samples=-1), ValueError, "at least 1"),
     (lambda m, x, k: lanczos(m, x, k, num_iters=0), ValueError, "at least 1"),
     (lambda m, x, k: top_eigenvalues(m, x, k, k=5, num_iters=3), ValueError, "raise num_iters"),
@@ -502,3 +502,39 @@ def test_mixed_dtype_pytree_keeps_leaf_dtypes():
   diag = hutchinson_diagonal(matvec, like, jax.random.key(0), num_samples=2)
   assert diag["a"].dtype == jnp.float32 and diag["b"].dtype == jnp.float64
   np.testing.assert_allclose(ravel_pytree(diag)[0], 3.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# One keyword per idea.
+
+
+def _counting_matvec(counter):
+  """``v -> 2 v`` that counts its calls on the host, one per vector (also under ``vmap``)."""
+
+  def host(v):
+    counter.append(1)
+    return 2 * v
+
+  return lambda v: jax.pure_callback(
+    host, jax.ShapeDtypeStruct(v.shape, v.dtype), v, vmap_method="sequential"
+  )
+
+
+@pytest.mark.parametrize("fn", [hutchinson_trace, hutchpp_trace, hutchinson_diagonal])
+def test_num_samples_is_the_matvec_budget_of_every_stochastic_estimator(fn):
+  calls = []
+  fn(_counting_matvec(calls), jnp.zeros(12), jax.random.key(0), num_samples=7)
+  assert len(calls) == 7
+
+
+def test_estimators_share_their_keywords():
+  import inspect
+
+  def keywords(fn):
+    params = inspect.signature(fn).parameters.values()
+    return {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+
+  for fn in (hutchinson_trace, hutchpp_trace, hutchinson_diagonal):
+    assert {"num_samples", "distribution"} <= keywords(fn), fn.__name__
+  for fn in (lanczos, top_eigenvalues, spectral_density):
+    assert "num_iters" in keywords(fn) and "num_samples" not in keywords(fn), fn.__name__

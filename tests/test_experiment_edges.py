@@ -188,3 +188,18 @@ def test_a_task_that_draws_its_own_batches_rejects_an_entry_batch_size():
   task = RUN.TASKS["maml"]().build(cfg.task, "float32")
   with pytest.raises(config_lib.ConfigError, match="draws its own batches"):
     opt_lib.build_method(cfg.optimizers[0], task, "optimizers[0]")
+
+
+def test_the_summary_calls_a_tie_at_the_printed_precision():
+  rows = [
+    {"optimizer": "newton_cg", "final": [0.083241]},
+    {"optimizer": "lbfgs", "final": [0.0832402]},
+    {"optimizer": "adam", "final": [0.08748]},
+  ]
+  assert records.best_rows(rows, higher_is_better=False) == ["newton_cg", "lbfgs"]
+  assert "tie between **newton_cg** and **lbfgs** (0.08324" in records.best_text(
+    rows, "train_loss", higher_is_better=False
+  )
+  rows[1]["final"] = [0.08323]  # distinct as printed: one winner
+  assert records.best_text(rows, "train_loss", False) == "lowest final train_loss: **lbfgs**"
+  assert records.best_text(rows, "acc", True) == "highest final acc: **adam**"

@@ -123,7 +123,7 @@ def test_python_scalar_tangent_takes_the_points_dtype():
 
 _ESTIMATORS = {
   "hutchinson_trace": lambda m, like, key: hutchinson_trace(m, like, key, num_samples=2),
-  "hutchpp_trace": lambda m, like, key: hutchpp_trace(m, like, key, num_matvecs=3),
+  "hutchpp_trace": lambda m, like, key: hutchpp_trace(m, like, key, num_samples=3),
   "hutchinson_diagonal": lambda m, like, key: hutchinson_diagonal(m, like, key, num_samples=2),
   "lanczos": lambda m, like, key: lanczos(m, like, key, num_iters=3),
   "top_eigenvalues": lambda m, like, key: top_eigenvalues(m, like, key, k=1, num_iters=3),

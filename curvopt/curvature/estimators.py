@@ -21,6 +21,13 @@ int seed, as for :func:`curvopt.dp_sgd`. Every result has a ``finite`` property,
 exactly when the operator returned NaN or inf somewhere (a model that overflowed, say): the
 numbers are then not usable, and the flag says so without a check of each array.
 
+One keyword names one idea across the estimators: ``num_samples`` is the number of matvecs
+of the stochastic trace and diagonal estimators (:func:`hutchinson_trace`,
+:func:`hutchpp_trace`, :func:`hutchinson_diagonal`: equal ``num_samples``, equal cost),
+``num_iters`` the number of Lanczos steps, i.e. matvecs per run (:func:`lanczos`,
+:func:`top_eigenvalues`, :func:`spectral_density`), ``num_runs`` the number of random starting
+vectors of :func:`spectral_density` and ``distribution`` the law of the random probes.
+
 Iteration counts larger than the dimension :math:`n` of the space are **clamped** to :math:`n`
 with a ``UserWarning`` (a Krylov space of a matrix of size :math:`n` has at most :math:`n`
 dimensions); the arrays returned then have length :math:`n`.
@@ -295,7 +302,7 @@ def hutchpp_trace(
   like: Params,
   key: jax.Array | int,
   *,
-  num_matvecs: int,
+  num_samples: int,
   distribution: Distribution = "rademacher",
 ) -> TraceEstimate:
   r"""Hutch++: Hutchinson's estimator with the top of the spectrum deflated exactly.
@@ -310,13 +317,16 @@ def hutchpp_trace(
   The first term is exact; Hutchinson's estimator only sees the deflated remainder, whose
   Frobenius norm is small when the spectrum decays. For PSD :math:`A` the error is
   :math:`O(1/m)` rather than Hutchinson's :math:`O(1/\sqrt m)`. It is unbiased, and exact for
-  matrices of rank at most :math:`s`. Costs exactly ``num_matvecs`` matvecs.
+  matrices of rank at most :math:`s`. Costs exactly ``num_samples`` matvecs, as many as
+  :func:`hutchinson_trace` with the same ``num_samples``, so the two compare at equal cost.
 
   Args:
     matvec: symmetric linear operator ``v -> A v`` on pytrees shaped like ``like``.
     like: a pytree of floating arrays giving the space.
     key: ``jax.random`` key (typed or raw) or int seed for the sketch and the probes.
-    num_matvecs: total budget ``m`` of matvecs (static int, at least 3).
+    num_samples: the budget ``m`` of matvecs (static int, at least 3): ``s`` for the sketch,
+      ``s`` to deflate and ``m - 2s`` Hutchinson probes. The keyword, and the cost it sets,
+      are :func:`hutchinson_trace`'s.
     distribution: ``"rademacher"`` (default) or ``"gaussian"`` sketch and probes.
 
   Returns:
@@ -324,10 +334,10 @@ def hutchpp_trace(
     deflated part is exact), ``inf`` when it has a single probe.
 
   Examples:
-    Exact on a matrix of rank at most ``num_matvecs // 3``:
+    Exact on a matrix of rank at most ``num_samples // 3``:
 
     >>> u = jnp.array([1.0, 2.0, 2.0, 0.0])
-    >>> est = hutchpp_trace(lambda v: u * (u @ v), u, jax.random.key(0), num_matvecs=3)
+    >>> est = hutchpp_trace(lambda v: u * (u @ v), u, jax.random.key(0), num_samples=3)
     >>> round(float(est.estimate), 4)
     9.0
 
@@ -335,12 +345,12 @@ def hutchpp_trace(
     Meyer, Musco, Musco and Woodruff, "Hutch++: Optimal stochastic trace estimation",
     SOSA 2021.
   """
-  num_matvecs = _check_count("num_matvecs", num_matvecs, minimum=3)
+  num_samples = _check_count("num_samples", num_samples, minimum=3)
   _checks.check_choice("distribution", distribution, DISTRIBUTIONS)
   key = _checks.as_key(key)
   op = _flatten_operator(matvec, like, "hutchpp_trace")
-  sketch_size = min(num_matvecs // 3, op.dim)
-  num_probes = num_matvecs - 2 * sketch_size
+  sketch_size = min(num_samples // 3, op.dim)
+  num_probes = num_samples - 2 * sketch_size
   sketch_key, probe_key = jax.random.split(key)
 
   def probes(k, count):

@@ -28,9 +28,14 @@ class Precision(enum.Enum):
 
 @dataclass
 class BudgetConfig:
-  """How long each (optimiser, seed) run trains: ``steps``, and optionally ``seconds``."""
+  """How long each (optimiser, seed) run trains: ``steps``, ``seconds`` of training, or both.
 
-  steps: int = MISSING
+  A run stops at whichever comes first; ``steps: null`` leaves only ``seconds`` (then
+  required). The seconds count training only (not compilation or evaluation) and are kept to
+  within one step.
+  """
+
+  steps: int | None = MISSING
   seconds: float | None = None
 
 
@@ -248,7 +253,11 @@ def load_config(
 def _check_values(experiment: ExperimentConfig, opts: list[Any]) -> None:
   checks: list[tuple[str, bool, str]] = [
     ("name", bool(experiment.name.strip()), "a non-empty run name"),
-    ("budget.steps", experiment.budget.steps >= 1, "an integer >= 1"),
+    (
+      "budget.steps",
+      experiment.budget.steps is None or experiment.budget.steps >= 1,
+      "an integer >= 1 (or null with budget.seconds set)",
+    ),
     ("eval_every", experiment.eval_every >= 1, "an integer >= 1"),
     ("seeds", len(experiment.seeds) >= 1, "a non-empty list of integers"),
     ("checkpoint_interval_s", experiment.checkpoint_interval_s >= 0, "a number >= 0"),
@@ -261,6 +270,10 @@ def _check_values(experiment: ExperimentConfig, opts: list[Any]) -> None:
   ]
   if experiment.budget.seconds is not None:
     checks.append(("budget.seconds", experiment.budget.seconds > 0, "a number > 0 or null"))
+  else:
+    checks.append(
+      ("budget.steps", experiment.budget.steps is not None, "an integer >= 1 (no seconds set)")
+    )
   for key, ok, expected in checks:
     if not ok:
       raise ConfigError(f"config key '{key}': expected {expected}.")

@@ -189,11 +189,46 @@ def summary_markdown(
   return "\n".join(lines) + "\n"
 
 
-def best_row(rows: list[dict], higher_is_better: bool) -> str | None:
-  """The optimiser with the best mean final metric."""
-  best, best_val = None, None
-  for row in rows:
-    vals = [v for v in row["final"] if v is not None]
-    if vals and (best_val is None or _better(float(np.mean(vals)), best_val, higher_is_better)):
-      best, best_val = row["optimizer"], float(np.mean(vals))
-  return best
+def _final_means(rows: list[dict]) -> dict[str, float]:
+  return {
+    row["optimizer"]: float(np.mean(vals))
+    for row in rows
+    if (vals := [v for v in row["final"] if v is not None])
+  }
+
+
+def best_rows(rows: list[dict], higher_is_better: bool) -> list[str]:
+  """The optimisers whose mean final metric is the best one as printed (4 significant digits).
+
+  Several names mean a tie: the table cannot tell them apart.
+
+  Examples:
+    >>> rows = [{"optimizer": o, "final": [v]} for o, v in [("a", 0.08324), ("b", 0.083241),
+    ...                                                       ("c", 0.0833)]]
+    >>> best_rows(rows, higher_is_better=False)
+    ['a', 'b']
+  """
+  means = _final_means(rows)
+  if not means:
+    return []
+  best = _fmt([(max if higher_is_better else min)(means.values())])
+  return [name for name, value in means.items() if _fmt([value]) == best]
+
+
+def best_text(rows: list[dict], metric: str, higher_is_better: bool) -> str:
+  """The summary's last line: the best optimiser, or a tie at the printed precision.
+
+  Examples:
+    >>> rows = [{"optimizer": o, "final": [v]} for o, v in [("a", 0.5), ("b", 0.50001)]]
+    >>> best_text(rows, "loss", higher_is_better=False)
+    'lowest final loss: tie between **a** and **b** (0.5 as printed)'
+  """
+  names = best_rows(rows, higher_is_better)
+  if not names:
+    return ""
+  which = "highest" if higher_is_better else "lowest"
+  if len(names) == 1:
+    return f"{which} final {metric}: **{names[0]}**"
+  tied = ", ".join(f"**{n}**" for n in names[:-1]) + f" and **{names[-1]}**"
+  value = _fmt([_final_means(rows)[names[0]]])
+  return f"{which} final {metric}: tie between {tied} ({value} as printed)"

@@ -1,16 +1,22 @@
 """The runner: trains every (optimiser, seed) pair, evaluates, logs, checkpoints and resumes.
 
-Each optimiser's training loop is one compiled program, ``fori_loop`` over the steps between two
-evaluations, compiled ahead of time once (so it cannot recompile). The batch of step ``t`` is a
-pure function of the seed and ``t``; checkpoints (Orbax) hold the parameters, the optimiser
-state, the step and the training time, so a resumed run continues exactly where the
-checkpoint left it and ends with the same metrics as an uninterrupted run.
+Each optimiser's training loop is one compiled program, ``fori_loop`` over a number of steps
+given at run time, compiled ahead of time once (so it cannot recompile). The runner calls it in
+chunks of about :data:`CHUNK_SECONDS` of training (never past the next evaluation), paced from
+the measured time per step: a seconds budget is then kept to within one step, Ctrl-C is
+answered within a chunk, and the progress bar moves. The batch of step ``t`` is a pure function
+of the seed and ``t``, and every step runs the same compiled body, so the chunking does not
+change the results. Checkpoints (Orbax) hold the parameters, the optimiser state, the step and
+the training time, so a resumed run continues exactly where the checkpoint left it and ends
+with the same metrics as an uninterrupted run.
 """
 
 import dataclasses
 import datetime
 import os
 import re
+import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,8 +29,8 @@ import numpy as np
 
 from curvopt import sharding
 from curvopt.experiment import config as config_lib
+from curvopt.experiment import interrupt, pacing, plots, records
 from curvopt.experiment import optimizers as opt_lib
-from curvopt.experiment import plots, records
 from curvopt.experiment.config import Config, ConfigError, label_of
 
 
@@ -35,10 +41,13 @@ class RunHooks:
   Attributes:
     on_trace: called with the optimiser's label each time its training loop is traced.
     after_eval: called with the number of evaluations so far, after each is logged.
+    should_stop: polled between two compiled calls; when it returns ``True`` the run saves a
+      checkpoint and :func:`train` returns ``False`` (what Ctrl-C does on the command line).
   """
 
   on_trace: Callable[[str], None] | None = None
   after_eval: Callable[[int], None] | None = None
+  should_stop: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -51,10 +60,13 @@ class TaskEntry:
 
 @dataclass
 class RunResult:
+  """What :func:`run_experiment` returns; ``interrupted`` runs have no summary yet."""
+
   run_dir: str
   records: list[dict]
   summary: str
   figure: Any = None
+  interrupted: bool = False
 
 
 def _slug(text: str) -> str:
@@ -309,19 +321,44 @@ def setup_run(
   return _Setup(cfg, task, methods, metric, run_dir, log, runs, ckpts, mesh, main_process)
 
 
-def train(setup: _Setup, hooks: RunHooks | None = None) -> None:
-  """Trains every (optimiser, seed) pair of ``setup``, logging and checkpointing as it goes."""
+@dataclass
+class _Run:
+  """One (optimiser, seed) run: what :func:`_run_compiled` and :func:`_run_external` need."""
+
+  task: Any
+  method: Any
+  seed: int
+  label: str
+  budget: pacing.Budget
+  ck: "_Checkpoints"
+  log_eval: Callable[..., None]
+  progress: pacing.Progress
+  compiled: dict[str, Any]  # label -> (compiled training loop, compile time), shared by seeds
+  place: Callable[[Any], Any]
+  on_trace: Callable[[str], None] | None
+  should_stop: Callable[[], bool]
+
+
+def train(setup: _Setup, hooks: RunHooks | None = None) -> bool:
+  """Trains every (optimiser, seed) pair of ``setup``, logging and checkpointing as it goes.
+
+  Returns:
+    ``True`` when every run finished; ``False`` when ``hooks.should_stop`` stopped them (the
+    run in progress saved a checkpoint, later ones did not start).
+  """
   hooks = hooks or RunHooks()
   exp, task = setup.cfg.experiment, setup.task
   evaluate = jax.jit(task.evaluate)
-  compiled: dict[str, Any] = {}  # label -> compiled training loop, shared by the seeds
+  compiled: dict[str, Any] = {}
   place = _placer(setup.mesh)
-  progress = _progress(
-    exp.progress and setup.main_process, sum(_Budget(exp, o).steps for o, _, _ in setup.runs)
-  )
+  budgets = [pacing.Budget(exp, opt) for opt, _, _ in setup.runs]
+  progress = pacing.Progress(exp.progress and setup.main_process, budgets)
+  should_stop = hooks.should_stop or (lambda: False)
   num_evals = 0
   try:
-    for opt, method, seed in setup.runs:
+    for (opt, method, seed), budget in zip(setup.runs, budgets, strict=True):
+      if _agree([should_stop()])[0]:
+        return False
       label = label_of(opt)
 
       def log_eval(params, step, wall, diagnostics, opt=opt, method=method, seed=seed, **extra):
@@ -333,23 +370,16 @@ def train(setup: _Setup, hooks: RunHooks | None = None) -> None:
         if hooks.after_eval is not None:
           hooks.after_eval(num_evals)
 
-      run = _run_external if method.external is not None else _run_compiled
-      run(
-        task,
-        method,
-        seed,
-        _Budget(exp, opt),
-        compiled,
-        setup.ckpts[(label, seed)],
-        log_eval,
-        progress,
-        label,
-        place,
-        hooks.on_trace,
-      )
+      run = _Run(
+        task, method, seed, label, budget, setup.ckpts[(label, seed)], log_eval, progress,
+        compiled, place, hooks.on_trace, should_stop,
+      )  # fmt: skip
+      finished = (_run_external if method.external is not None else _run_compiled)(run)
+      if not finished:
+        return False
+    return True
   finally:
-    if progress is not None:
-      progress.close()
+    progress.close()
     for c in setup.ckpts.values():
       c.close()
 
@@ -383,17 +413,15 @@ def summarise(setup: _Setup, *, echo: bool = True) -> RunResult:
   table = records.summary_markdown(
     rows, metric, target=exp.target, extra_metrics=extra, higher_is_better=task.higher_is_better
   )
-  best = records.best_row(rows, task.higher_is_better)
+  best = records.best_text(rows, metric, task.higher_is_better)
   header = (
     f"## {exp.name}\n\ntask: {setup.cfg.task.name} · precision: {exp.precision.value} · "
-    f"seeds: {list(exp.seeds)} · budget: {exp.budget.steps} steps"
-    + (f" / {exp.budget.seconds:g} s" if exp.budget.seconds else "")
+    f"seeds: {list(exp.seeds)} · budget: {_budget_text(exp.budget)}"
     + f" · device: {jax.devices()[0].device_kind}"
     + (f" · mesh: {dict(setup.mesh.shape)}" if setup.mesh is not None else "")
     + "\n\n"
   )
-  which = "highest" if task.higher_is_better else "lowest"
-  footer = f"\n{which} final {metric}: **{best}**\n" if best else ""
+  footer = f"\n{best}\n" if best else ""
   report = task.report(run_dir, recs)
   summary = header + table + footer + (("\n" + report) if report else "")
   with open(os.path.join(run_dir, "summary.md"), "w") as f:
@@ -407,6 +435,12 @@ def summarise(setup: _Setup, *, echo: bool = True) -> RunResult:
     print(summary)
     print(f"run directory: {run_dir}")
   return RunResult(run_dir=run_dir, records=recs, summary=summary, figure=fig)
+
+
+def _budget_text(budget: config_lib.BudgetConfig) -> str:
+  parts = [f"{budget.steps} steps"] if budget.steps is not None else []
+  parts += [f"{budget.seconds:g} s"] if budget.seconds is not None else []
+  return " / ".join(parts) + " per run"
 
 
 def run_experiment(
@@ -431,32 +465,15 @@ def run_experiment(
     hooks: optional :class:`RunHooks` (tests count traces and interrupt runs with them).
 
   Returns:
-    A :class:`RunResult` with the run directory, the metric records and the summary.
+    A :class:`RunResult` with the run directory, the metric records and the summary; when
+    ``hooks.should_stop`` stopped the run, ``interrupted=True``, no summary, and
+    ``run_experiment(cfg, task_entry, run_dir=result.run_dir, resume=True)`` continues it.
   """
   setup = setup_run(cfg, task_entry, run_dir=run_dir, resume=resume)
-  train(setup, hooks)
+  if not train(setup, hooks):
+    records_so_far = setup.log.read() if setup.main_process else []
+    return RunResult(run_dir=setup.run_dir, records=records_so_far, summary="", interrupted=True)
   return summarise(setup, echo=echo)
-
-
-def _progress(enabled: bool, total: int):
-  if not enabled:
-    return None
-  from tqdm.auto import tqdm
-
-  return tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
-
-
-class _Budget:
-  """Steps, evaluation cadence, seconds and checkpoint interval of one optimiser entry."""
-
-  def __init__(self, exp, opt):
-    self.steps = opt.steps or exp.budget.steps
-    self.every = opt.eval_every or exp.eval_every
-    self.seconds = exp.budget.seconds
-    self.checkpoint_interval_s = exp.checkpoint_interval_s
-
-  def done(self, step: int, wall: float) -> bool:
-    return step >= self.steps or (self.seconds is not None and wall >= self.seconds)
 
 
 def _keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -465,28 +482,21 @@ def _keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   return init_key, data_key, opt_key
 
 
-def _run_compiled(
-  task, method, seed, budget, cache, ck, log_eval, progress, label, place, on_trace
-) -> None:
-  steps, every = budget.steps, budget.every
-  init_key, data_key, opt_key = _keys(seed)
-  params = place(task.init_params(init_key))
-  state = method.init(params, opt_key)
-  diag_like = jax.eval_shape(method.step, params, state, data_key, jnp.int32(0))[2]
-  diagnostics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), diag_like)
-  (params, state, diagnostics), data_key = place(((params, state, diagnostics), data_key))
-  step, wall = 0, 0.0
-  if ck.latest_step() is not None:  # restore targets carry the mesh shardings
-    (params, state, diagnostics), step, wall, finished = ck.restore((params, state, diagnostics))
-    params, state, diagnostics = place((params, state, diagnostics))
-    if progress is not None:
-      progress.update(step)
-    if finished:
-      if progress is not None:
-        progress.update(steps - step)
-      return
-  else:
-    log_eval(params, 0, 0.0, {})  # no optimiser diagnostics before the first step
+def _agree(values: Sequence[float]) -> list[float]:
+  """Process 0's ``values`` on every process (they decide together when and how long to run)."""
+  if jax.process_count() == 1:
+    return list(values)
+  from jax.experimental import multihost_utils
+
+  data = np.asarray(values, np.float64)
+  return np.asarray(multihost_utils.broadcast_one_to_all(data)).tolist()
+
+
+def _compile_loop(run: _Run, carry: Any, data_key: Any) -> tuple[Any, float]:
+  """The run's training loop ``(carry, data_key, start, num_steps) -> carry``, compiled once."""
+  if run.label in run.compiled:  # compiled once per optimiser: seeds differ only in arguments
+    return run.compiled[run.label]
+  method, on_trace, label = run.method, run.on_trace, run.label
 
   def train_loop(carry, data_key, start, num_steps):
     if on_trace is not None:
@@ -497,71 +507,114 @@ def _run_compiled(
 
     return jax.lax.fori_loop(0, num_steps, body, carry)
 
-  carry = (params, state, diagnostics)
-  if label not in cache:  # compiled once per optimiser: seeds differ only in the arguments
-    tic = time.perf_counter()
-    jit_kwargs = {}
-    if task.mesh is not None:  # outputs placed like inputs, so every call fits the program
-      jit_kwargs["out_shardings"] = jax.tree.map(lambda a: a.sharding, carry)
-    lowered = jax.jit(train_loop, **jit_kwargs).lower(carry, data_key, jnp.int32(0), jnp.int32(1))
-    cache[label] = (lowered.compile(), time.perf_counter() - tic)
-  compiled, compile_time = cache[label]
-  last_save = time.perf_counter()
-  while not budget.done(step, wall):
-    n = min(every, steps - step)
+  tic = time.perf_counter()
+  jit_kwargs = {}
+  if run.task.mesh is not None:  # outputs placed like inputs, so every call fits the program
+    jit_kwargs["out_shardings"] = jax.tree.map(lambda a: a.sharding, carry)
+  lowered = jax.jit(train_loop, **jit_kwargs).lower(carry, data_key, jnp.int32(0), jnp.int32(1))
+  run.compiled[label] = (lowered.compile(), time.perf_counter() - tic)
+  return run.compiled[label]
+
+
+def _initial_carry(run: _Run) -> tuple[Any, Any, int, float, bool]:
+  """``(carry, data_key, step, wall, finished)``: fresh (step 0 logged), or from a checkpoint."""
+  init_key, data_key, opt_key = _keys(run.seed)
+  params = run.place(run.task.init_params(init_key))
+  state = run.method.init(params, opt_key)
+  diag_like = jax.eval_shape(run.method.step, params, state, data_key, jnp.int32(0))[2]
+  diagnostics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), diag_like)
+  carry, data_key = run.place(((params, state, diagnostics), data_key))
+  if run.ck.latest_step() is None:
+    run.log_eval(carry[0], 0, 0.0, {})  # no optimiser diagnostics before the first step
+    return carry, data_key, 0, 0.0, False
+  carry, step, wall, finished = run.ck.restore(carry)  # restore targets carry the shardings
+  return run.place(carry), data_key, step, wall, finished
+
+
+def _run_compiled(run: _Run) -> bool:
+  """Trains one run in paced chunks of its compiled loop; ``False`` if it was stopped."""
+  budget = run.budget
+  carry, data_key, step, wall, finished = _initial_carry(run)
+  run.progress.advance(run.label, step, wall)
+  if finished:
+    run.progress.skip(budget, step, wall)
+    return True
+  compiled, compile_time = _compile_loop(run, carry, data_key)
+  pacer, last_save = pacing.Pacer(budget), time.perf_counter()
+  done, stop, _ = _agree([budget.done(step, wall), run.should_stop(), 0])
+  while not (done or stop):
+    (n,) = _agree([pacer.next(step, wall)])
+    n = int(n)
     tic = time.perf_counter()
     carry = jax.block_until_ready(compiled(carry, data_key, jnp.int32(step), jnp.int32(n)))
-    wall += time.perf_counter() - tic
-    step += n
-    if progress is not None:
-      progress.set_description(label)
-      progress.update(n)
-    log_eval(carry[0], step, wall, carry[2], compile_time=compile_time)
-    finished = budget.done(step, wall)
-    if finished or time.perf_counter() - last_save >= budget.checkpoint_interval_s:
-      ck.save(step, carry, wall, finished)
+    seconds = time.perf_counter() - tic
+    wall, step = wall + seconds, step + n
+    pacer.observe(n, seconds)
+    run.progress.advance(run.label, n, seconds)
+    save_due = time.perf_counter() - last_save >= budget.checkpoint_interval_s
+    done, stop, save_due = _agree([budget.done(step, wall), run.should_stop(), save_due])
+    if done or step % budget.every == 0:
+      run.log_eval(carry[0], step, wall, carry[2], compile_time=compile_time)
+    if done or stop or save_due:
+      run.ck.save(step, carry, wall, bool(done))
       last_save = time.perf_counter()
-  if progress is not None and step < steps:
-    progress.update(steps - step)
+  if done:
+    run.progress.skip(budget, step, wall)
+  return bool(done)
 
 
-def _run_external(
-  task, method, seed, budget, cache, ck, log_eval, progress, label, place, on_trace
-) -> None:
-  """Host-side baselines (scipy): rerun from the start unless a finished checkpoint exists."""
-  del cache, place, on_trace  # nothing is compiled as one program here
-  steps, every = budget.steps, budget.every
-  init_key, _, _ = _keys(seed)
-  params = task.init_params(init_key)
-  if ck.latest_step() is not None:
-    _, _, _, finished = ck.restore(params)
+def _run_external(run: _Run) -> bool:
+  """Host-side baselines (scipy): rerun from the start unless a finished checkpoint exists.
+
+  Stopped (``should_stop``), it saves nothing: the resumed run starts it again.
+  """
+  budget = run.budget
+  init_key, _, _ = _keys(run.seed)
+  params = run.task.init_params(init_key)
+  if run.ck.latest_step() is not None:
+    _, _, _, finished = run.ck.restore(params)
     if finished:
-      if progress is not None:
-        progress.update(steps)
-      return
-  log_eval(params, 0, 0.0, {})
-  clock = {"start": time.perf_counter(), "eval": 0.0, "step": 0, "params": params}
+      run.progress.skip(budget, 0, 0.0)
+      return True
+  run.log_eval(params, 0, 0.0, {})
+  clock = {"start": time.perf_counter(), "eval": 0.0, "step": 0, "params": params, "wall": 0.0}
 
   def callback(p, it):
-    clock["step"], clock["params"] = it, p
     wall = time.perf_counter() - clock["start"] - clock["eval"]
-    if progress is not None:
-      progress.set_description(label)
-      progress.update(1)
-    if it % every == 0 or it == steps:
+    run.progress.advance(run.label, it - clock["step"], wall - clock["wall"])
+    clock.update(step=it, params=p, wall=wall)
+    if run.should_stop():
+      clock["stopped"] = True
+      return True
+    if it % budget.every == 0 or it == budget.steps:
       tic = time.perf_counter()
-      log_eval(p, it, wall, {})
+      run.log_eval(p, it, wall, {})
       clock["eval"] += time.perf_counter() - tic
       clock["logged"] = it
     return budget.seconds is not None and wall >= budget.seconds
 
-  method.external(params, steps, callback)
+  run.method.external(params, budget.steps or _UNBOUNDED_STEPS, callback)
+  if clock.get("stopped"):
+    return False
   wall = time.perf_counter() - clock["start"] - clock["eval"]
   if clock.get("logged") != clock["step"]:
-    log_eval(clock["params"], clock["step"], wall, {})
-  if progress is not None:
-    progress.update(max(steps - clock["step"], 0))
-  ck.save(clock["step"], clock["params"], wall, True)
+    run.log_eval(clock["params"], clock["step"], wall, {})
+  run.progress.skip(budget, clock["step"], wall)
+  run.ck.save(clock["step"], clock["params"], wall, True)
+  return True
+
+
+_UNBOUNDED_STEPS = 2**31 - 1  # a host-side baseline's iteration cap under a seconds-only budget
+
+
+def resume_command(script: str, run_dir: str) -> str:
+  """The shell command that continues ``run_dir``: ``python SCRIPT --resume RUN_DIR``.
+
+  ``python`` is this interpreter's path unless ``python`` on the ``PATH`` is this interpreter.
+  """
+  on_path = shutil.which("python")
+  same = on_path is not None and os.path.abspath(on_path) == os.path.abspath(sys.executable)
+  return shlex.join(["python" if same else sys.executable, script, "--resume", run_dir])
 
 
 def main(
@@ -573,16 +626,54 @@ def main(
 ) -> int:
   """Command line: ``run.py CONFIG.yaml [dotted.key=value ...]`` or ``run.py --resume RUN_DIR``.
 
+  Ctrl-C stops the run after the step in progress with a checkpoint, prints the run directory
+  and the ``--resume`` command, and returns 130; a second Ctrl-C exits at once
+  (:mod:`curvopt.experiment.interrupt`).
+
   Args:
     argv: the arguments after the program name.
     tasks: task name -> zero-argument loader of its :class:`TaskEntry` (modules are imported
       only when their task is used).
-    prog: program name for the usage message.
-    hooks: optional :class:`RunHooks` passed to :func:`run_experiment`.
+    prog: program name for the usage message and the ``--resume`` command (the script's path
+      as typed, ``sys.argv[0]``).
+    hooks: optional :class:`RunHooks` passed to :func:`train`.
 
   Returns:
-    The exit status: 0 on success, 2 for a config error.
+    The exit status: 0 on success, 2 for a config error, 130 when stopped by Ctrl-C.
   """
+  source, overrides, resume_dir = _parse_args(argv, prog)
+  hooks = hooks or RunHooks()
+  stop = interrupt.StopOnInterrupt()
+  with stop:
+    try:
+      schemas = _LazySchemas(tasks)
+      cfg = config_lib.load_config(source, overrides, tasks=schemas, optimizers=opt_lib.OPTIMIZERS)
+      if stop():
+        print("Stopped by Ctrl-C before the run started.", file=sys.stderr)
+        return interrupt.EXIT_STATUS
+      enable_compilation_cache()
+      setup = setup_run(cfg, tasks[cfg.task.name](), run_dir=resume_dir, resume=bool(resume_dir))
+    except ConfigError as err:
+      print(f"{prog}: error: {err}", file=sys.stderr)
+      return 2
+    command = resume_command(prog, setup.run_dir)
+    stop.exit_message = f"The last checkpoint is kept; continue with:\n  {command}"
+    user_stop = hooks.should_stop or (lambda: False)
+    stop_hooks = dataclasses.replace(hooks, should_stop=lambda: stop() or user_stop())
+    if train(setup, stop_hooks):
+      summarise(setup)
+      return 0
+  if setup.main_process:
+    print(
+      f"Stopped by Ctrl-C; the checkpoints are saved.\nrun directory: {setup.run_dir}\n"
+      f"resume with: {command}",
+      flush=True,
+    )
+  return interrupt.EXIT_STATUS
+
+
+def _parse_args(argv: Sequence[str], prog: str) -> tuple[str, list[str], str | None]:
+  """``(config source, overrides, run directory to resume or None)`` from the command line."""
   import argparse
 
   parser = argparse.ArgumentParser(
@@ -600,23 +691,10 @@ def main(
       overrides.insert(0, args.config)
     if overrides:
       parser.error("--resume continues a run exactly as configured; overrides are not allowed.")
-    source = os.path.join(args.resume, "config.yaml")
-  elif args.config is None:
+    return os.path.join(args.resume, "config.yaml"), [], args.resume
+  if args.config is None:
     parser.error("a config file is required (e.g. configs/quickstart.yaml), or --resume RUN_DIR.")
-  else:
-    source = args.config
-
-  schemas = _LazySchemas(tasks)
-  try:
-    cfg = config_lib.load_config(source, overrides, tasks=schemas, optimizers=opt_lib.OPTIMIZERS)
-    enable_compilation_cache()
-    run_experiment(
-      cfg, tasks[cfg.task.name](), run_dir=args.resume, resume=bool(args.resume), hooks=hooks
-    )
-  except ConfigError as err:
-    print(f"{prog}: error: {err}", file=sys.stderr)
-    return 2
-  return 0
+  return args.config, overrides, None
 
 
 class _LazySchemas(Mapping):
