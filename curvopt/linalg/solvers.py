@@ -229,8 +229,9 @@ class CG:
   from ``warm_start`` times the previous update's direction.
 
   Attributes:
-    tol: relative residual tolerance, or ``"forcing"`` for the superlinear forcing sequence
-      :math:`\min(\tfrac12, \sqrt{\|b\|})` of scipy's Newton-CG (Nocedal and Wright, 7.1).
+    tol: relative residual tolerance, or ``"forcing"`` (the default) for the superlinear
+      forcing sequence :math:`\min(\tfrac12, \sqrt{\|b\|})` of scipy's Newton-CG (Nocedal
+      and Wright, 7.1): loose solves far from a minimum, tight ones near it.
     max_steps: CG iterations per solve at most (static).
     progress_tol: Martens' progress tolerance; ``None`` disables the test.
     warm_start: decay of the previous direction used as the starting point, in ``[0, 1]``.
@@ -240,7 +241,7 @@ class CG:
       :class:`NystromPreconditioner`, or Newton-CG's Martens diagonal and K-FAC).
   """
 
-  tol: float | Literal["forcing"] = 1e-4
+  tol: float | Literal["forcing"] = "forcing"
   max_steps: int = 100
   progress_tol: float | None = 5e-4
   warm_start: float = 0.95

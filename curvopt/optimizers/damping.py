@@ -269,7 +269,11 @@ class LevenbergMarquardt:
     adapt: adapt :math:`\lambda` between updates.
     bounds: ``(min, max)`` of :math:`\lambda`.
     increase: :math:`\gamma_+ \ge 1`.
-    decrease: :math:`\gamma_- \in (0, 1]`.
+    decrease: :math:`\gamma_- \in (0, 1]`. The default 0.1 (Martens uses 2/3, Nielsen 1/3)
+      reaches the damping a problem needs in fewer steps from the initial 1.0; retries
+      undo an overshoot inside the update. Measured with the defaults (benchmarks/):
+      digits logistic regression in 9 steps instead of 12, and a lower autoencoder error
+      at equal time.
     accept_ratio: trials with :math:`\rho \le` ``accept_ratio`` are rejected; ``None``
       accepts every finite trial.
     max_retries: re-solves per update after rejected trials (``0``: none).
@@ -283,7 +287,7 @@ class LevenbergMarquardt:
   adapt: bool = True
   bounds: tuple[float, float] = (1e-8, 1e8)
   increase: float = 1.5
-  decrease: float = 1.0 / 3.0
+  decrease: float = 0.1
   accept_ratio: float | None = 0.0
   max_retries: int = 8
 

@@ -545,7 +545,7 @@ def scale_by_newton_cg(
     adapt_damping: shortcut for ``LevenbergMarquardt(adapt=...)`` (default ``True``).
     cg_max_steps: shortcut for ``CG(max_steps=...)`` (default 100).
     cg_tol: shortcut for ``CG(tol=...)``: a relative residual or ``"forcing"`` (default
-      ``1e-4``).
+      ``"forcing"``).
     warm_start: shortcut for ``CG(warm_start=...)`` (default 0.95).
     preconditioner: shortcut for ``CG(preconditioner=...)``: ``"martens"``
       (:class:`~curvopt.optimizers.curvatures.MartensDiagonal`), ``"nystrom"``
