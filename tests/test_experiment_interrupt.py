@@ -20,7 +20,7 @@ from experiments import run as RUN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_PY = os.path.join(ROOT, "experiments", "run.py")
-QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")
+QUICKSTART = os.path.join(ROOT, "configs", "logreg_quick.yaml")
 
 
 def _load(source, overrides=()):

@@ -97,7 +97,7 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 def test_cli_exits_nonzero_with_key_in_message():
   out = subprocess.run(
-    [sys.executable, RUN_PY, os.path.join(ROOT, "configs", "quickstart.yaml"), "budget.stepz=1"],
+    [sys.executable, RUN_PY, os.path.join(ROOT, "configs", "logreg_quick.yaml"), "budget.stepz=1"],
     capture_output=True,
     text=True,
     timeout=120,
@@ -145,6 +145,13 @@ SMOKE_OVERRIDES = {
     ]
     for problem in ("poisson2d", "heat", "poisson5d")
   },
+  "quickstart.yaml": [
+    "task.hidden=[8]",
+    "task.num_interior=64",
+    "task.num_boundary=16",
+    "task.eval_factor=2",
+    "task.plot_grid=9",
+  ],
   "cnn_digits.yaml": ["task.channels=[2, 2]", "task.batch_size=64"],
   "mlp_digits.yaml": ["task.hidden=[8]"],
   "td0_random_walk.yaml": ["task.hidden=[4]", "task.num_episodes=10"],
@@ -156,7 +163,8 @@ SMOKE_OVERRIDES = {
 @pytest.mark.parametrize(
   "path",
   [
-    p if p.endswith("quickstart.yaml") else pytest.param(p, marks=pytest.mark.slow) for p in CONFIGS
+    p if p.endswith("logreg_quick.yaml") else pytest.param(p, marks=pytest.mark.slow)
+    for p in CONFIGS
   ],
   ids=[os.path.basename(p) for p in CONFIGS],
 )
@@ -286,7 +294,7 @@ def test_resume_after_kill_9_matches_uninterrupted(tmp_path):
   ]
   # x64 as in this process (conftest), so the in-process reference run computes identically.
   env = dict(os.environ, JAX_ENABLE_X64="1")
-  quick = os.path.join(ROOT, "configs", "quickstart.yaml")
+  quick = os.path.join(ROOT, "configs", "logreg_quick.yaml")
   # The launcher's own main(), with a hook that kills the process (kill -9) at the 10th
   # evaluation.
   kill_script = (
