@@ -9,8 +9,10 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import curvopt
 from curvopt._checks import as_key
 from curvopt.curvature.estimators import (
   hutchinson_diagonal,
@@ -217,3 +219,97 @@ def test_non_finite_operator_is_reported(name):
   assert [bool(f) for f in flags] == [False, False, True]
   assert [bool(r.finite) for r in results] == [False, False, True]
   assert all(f.dtype == jnp.bool_ and f.shape == () for f in flags)
+
+
+# ------------------------------------------------------------- Newton-CG's update (issue 24)
+# Each row: the raw error the user's functions give when called the way a library that does
+# not check would call them, then curvopt's named error.
+
+
+def _classifier():
+  x = jax.random.normal(jax.random.key(0), (12, 3))
+  y = (x[:, 0] > 0).astype(jnp.float32)
+  params = {"w": jnp.zeros(3), "b": jnp.zeros(())}
+  model_fn = lambda p, x: x @ p["w"] + p["b"]
+  loss_fn = lambda z, y: jnp.mean((z - y) ** 2)
+  return params, x, y, model_fn, loss_fn
+
+
+def _grad(params, x, y, model_fn, loss_fn):
+  return jax.grad(lambda p: loss_fn(model_fn(p, x), y))(params)
+
+
+def test_forgotten_data_keywords_name_what_is_missing():
+  params, x, y, model_fn, loss_fn = _classifier()
+  with pytest.raises(TypeError, match="missing 1 required positional argument: 'x'"):
+    jax.linearize(lambda p: model_fn(p), params)  # the raw error
+  tx = curvopt.newton_cg(model_fn=model_fn, loss_fn=loss_fn)
+  g = _grad(params, x, y, model_fn, loss_fn)
+  with pytest.raises(TypeError, match=r"model_fn needs the data argument\(s\) \['x'\].*x=x"):
+    tx.update(g, tx.init(params), params)
+  with pytest.raises(TypeError, match=r"loss_fn needs the data argument\(s\) \['y'\].*y=y"):
+    tx.update(g, tx.init(params), params, x=x)
+
+
+def test_positional_data_get_a_keyword_hint():
+  params, x, y, model_fn, loss_fn = _classifier()
+  tx = curvopt.newton_cg(model_fn=model_fn, loss_fn=loss_fn)
+  g = _grad(params, x, y, model_fn, loss_fn)
+  with pytest.raises(TypeError, match="positional"):
+    optax.chain(optax.sgd(1.0)).update(g, optax.sgd(1.0).init(params), params, x, y)  # raw
+  with pytest.raises(TypeError, match=r"the data go by keyword.*update\(grads, state, params, x=x"):
+    tx.update(g, tx.init(params), params, x, y)
+
+
+def test_integer_parameters_are_refused_at_init():
+  params = {"w": jnp.zeros(20, jnp.int32)}
+  with pytest.raises(ValueError, match="cannot convert float NaN to integer"):
+    int(jnp.asarray(jnp.nan))  # what the damping state's NaN diagnostics hit with int params
+  tx = curvopt.newton_cg(curvature="hessian")
+  with pytest.raises(TypeError, match=r"params\['w'\] has dtype int32.*floating-point"):
+    tx.init(params)
+
+
+def test_data_of_different_lengths_are_named_with_their_sizes():
+  params, x, y, model_fn, loss_fn = _classifier()
+  with pytest.raises(TypeError, match="incompatible shapes for broadcasting"):
+    loss_fn(model_fn(params, x), y[:5])  # raw
+  tx = curvopt.newton_cg(model_fn=model_fn, loss_fn=loss_fn)
+  g = _grad(params, x, y, model_fn, loss_fn)
+  with pytest.raises(ValueError, match=r"different leading sizes \{'x': \[12\], 'y': \[5\]\}"):
+    tx.update(g, tx.init(params), params, x=x, y=y[:5])
+
+
+def test_a_forgotten_value_fn_with_the_hessian_is_named():
+  params, x, y, model_fn, loss_fn = _classifier()
+  tx = curvopt.newton_cg(curvature="hessian")
+  g = _grad(params, x, y, model_fn, loss_fn)
+  with pytest.raises(ValueError, match=r"value_fn=\(params, \*\*data\) -> loss"):
+    tx.update(g, tx.init(params), params, x=x, y=y)
+
+
+@pytest.mark.parametrize("rate", [-1.0, 0.0])
+def test_a_non_positive_learning_rate_is_refused(rate):
+  with pytest.raises(ValueError, match="learning_rate must be > 0"):
+    curvopt.newton_cg(rate, curvature="hessian")
+  schedule = optax.constant_schedule(-1.0)  # a schedule is the user's business
+  curvopt.newton_cg(schedule, curvature="hessian")
+
+
+def test_nnx_state_without_module_names_module():
+  from flax import nnx
+
+  model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+  x, y = jnp.ones((4, 3)), jnp.zeros((4, 1))
+  loss_fn = lambda z, y: jnp.mean((z - y) ** 2)
+  state = nnx.state(model, nnx.Param)
+  with pytest.raises(TypeError, match="'State' object is not callable"):
+    (lambda m, x: m(x))(state, x)  # raw
+  optimizer = nnx.Optimizer(
+    model, curvopt.newton_cg(model_fn=lambda m, x: m(x), loss_fn=loss_fn), wrt=nnx.Param
+  )
+  grads = nnx.grad(lambda m: loss_fn(m(x), y))(model)
+  with pytest.raises(TypeError, match=r"module=model"):
+    optimizer.update(model, grads, x=x, y=y)
+  with pytest.raises(TypeError, match=r"optimizer.update\(model, grads, x=x"):
+    optimizer.update(model, grads)  # and forgotten data through nnx

@@ -139,7 +139,7 @@ class Problem(NamedTuple):
 
   def functions(self, value_fn: Callable | None) -> list[tuple[str, Callable]]:
     """The user functions that receive data in this update, with their names."""
-    named = [("value_fn", value_fn), ("model_fn", self.model_fn), ("loss_fn", self.loss_fn)]
+    named = [("model_fn", self.model_fn), ("loss_fn", self.loss_fn), ("value_fn", value_fn)]
     return [(n, f) for n, f in named if f is not None]
 
   def check_params(self, params: Params) -> None:
@@ -162,6 +162,12 @@ class Problem(NamedTuple):
         "update(grads, state, params, x=x, y=y)."
       )
     functions = self.functions(value_fn)
+    if data and not functions:
+      raise ValueError(
+        f"{self.name}.update got data keyword argument(s) {list(data)} but no function to "
+        "pass them to: pass value_fn=(params, **data) -> loss to update() (curvature='hessian' "
+        "needs it), or model_fn/loss_fn at construction."
+      )
     accepted = list(dict.fromkeys(n for _, f in functions for n in arg_names(f)[1:]))
     unused = [name for name in data if name not in accepted]
     if unused:
