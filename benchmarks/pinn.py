@@ -45,6 +45,14 @@ PROBLEM_CONFIGS = {
   "poisson2d": dict(problem="poisson2d", num_interior=900, num_boundary=120),
   "heat": dict(problem="heat", num_interior=900, num_boundary=60, num_initial=60),
   "poisson5d": dict(problem="poisson5d", num_interior=3000, num_boundary=500, resample=True),
+  # More parameters (D = 10,065) than residuals (3,500): the sample-space (Woodbury) step.
+  "poisson5d_wide": dict(
+    problem="poisson5d",
+    hidden=[64, 64, 48, 48],
+    num_interior=3000,
+    num_boundary=500,
+    resample=True,
+  ),
 }
 
 
