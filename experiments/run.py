@@ -15,10 +15,14 @@ import sys
 # threads on busy cores; one thread keeps them fast. Set before numpy is imported.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+# The task families are not installed (pip installs curvopt alone): they are imported from this
+# checkout, whatever the working directory.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from curvopt.experiment.runner import TaskEntry, main  # noqa: E402
 
-# task name -> module of the `experiments` package defining `Config` (schema) and
-# `build(cfg, dtype)`; `pip install -e .` makes the package importable from anywhere.
+# task name -> module of this checkout's `experiments` folder defining `Config` (schema) and
+# `build(cfg, dtype)`.
 TASK_MODULES = {
   "logreg": "logreg",
   "autoencoder": "autoencoder",
