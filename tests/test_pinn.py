@@ -120,7 +120,7 @@ def test_newton_cg_defaults_take_the_exact_gauss_newton_step_and_decrease_the_er
   evaluate = jax.jit(task.evaluate)
   before = evaluate(params)
   losses = []
-  for _ in range(15):
+  for _ in range(20):
     params, state = step(params, state)
     losses.append(float(state[0].loss))
     # 140 points, more parameters: the sample-space (Woodbury) form of the same step.

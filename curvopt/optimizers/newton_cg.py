@@ -421,7 +421,9 @@ def _update(config: _Config, updates, state: NewtonCGState, params, value, value
   measure = _measure(objective, params, unpack, loss, dtype)
   c = run_trials(solve, measure, config.policy, state.damping, x0, b)
   policy = config.policy
-  next_lam = policy.next(c.lam, c.rho, c.accept, c.negative, c.min_curvature, state.damping)
+  next_lam = policy.next(
+    c.lam, c.rho, c.accept, c.negative, c.min_curvature, state.damping, state.info.rho
+  )
   out = unpack(optax.tree.where(c.accept, c.d, optax.tree.zeros_like(b)))
   info = NewtonCGInfo(
     rho=c.rho,
