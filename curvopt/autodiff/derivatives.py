@@ -23,6 +23,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from curvopt import _checks, _nnx
+from curvopt.autodiff import capture
 
 JacobianMode = Literal["auto", "fwd", "rev"]
 HessianMode = Literal["fwd_rev", "rev_rev", "fwd_fwd", "rev_fwd"]
@@ -233,16 +234,6 @@ _ELEMENTWISE_PRIMITIVES = frozenset(
 )
 
 
-def _sub_jaxprs(eqn: Any) -> list[Any]:
-  """The jaxprs a call-like equation (pjit, custom_jvp_call, ...) runs on its operands."""
-  subs = []
-  for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-    sub = eqn.params.get(name)
-    if sub is not None:
-      subs.append(sub.jaxpr if hasattr(sub, "jaxpr") else sub)
-  return subs
-
-
 def _is_elementwise(jaxpr: Any, dependent: Sequence[bool], shape: tuple[int, ...]) -> bool:
   """Whether the outputs of ``jaxpr`` depend elementwise on its ``dependent`` inputs."""
   depends = {}
@@ -255,10 +246,11 @@ def _is_elementwise(jaxpr: Any, dependent: Sequence[bool], shape: tuple[int, ...
         if dep and v.aval.shape != shape:
           return False
       if eqn.primitive.name not in _ELEMENTWISE_PRIMITIVES:
-        subs = _sub_jaxprs(eqn)
-        if len(subs) != 1 or len(subs[0].invars) != len(eqn.invars):
+        # A call (or a scan: its body iterated) is elementwise when its body is.
+        sub = capture.body(eqn, (*capture.INLINABLE, "loop"))
+        if sub is None or len(sub[0].invars) != len(eqn.invars):
           return False
-        if not _is_elementwise(subs[0], in_deps, shape):
+        if not _is_elementwise(sub[0], in_deps, shape):
           return False
       if any(out.aval.shape != shape for out in eqn.outvars):
         return False
