@@ -166,6 +166,45 @@ def interpret(
   return [read(v) for v in jaxpr.outvars]
 
 
+def live_equations(
+  jaxpr: Any, used: Sequence[bool] | None = None, prefix: tuple[int, ...] = ()
+) -> tuple[set[tuple[int, ...]], list[bool]]:
+  """The keys of the equations whose results reach the used outputs (transparent calls read).
+
+  Args:
+    jaxpr: an open jaxpr.
+    used: which of its outputs count (all by default).
+    prefix: the key of the enclosing call.
+
+  Returns:
+    ``(keys, used_inputs)``: the keys (as :func:`interpret` numbers them, through
+    :data:`TRANSPARENT` calls) of the live equations, and which invars they read.
+  """
+  used = [True] * len(jaxpr.outvars) if used is None else used
+  live = {v for v, u in zip(jaxpr.outvars, used, strict=True) if u and _is_var(v)}
+  keys: set[tuple[int, ...]] = set()
+  for k in reversed(range(len(jaxpr.eqns))):
+    eqn = jaxpr.eqns[k]
+    outs = [v in live for v in eqn.outvars]
+    if not any(outs) and not eqn.effects:
+      continue
+    key = (*prefix, k)
+    keys.add(key)
+    sub = body(eqn, TRANSPARENT)
+    if sub is None:
+      live.update(v for v in eqn.invars if _is_var(v))
+      continue
+    inner_keys, inner_used = live_equations(sub[0], outs, key)
+    keys |= inner_keys
+    operands = eqn.invars[len(eqn.invars) - len(sub[0].invars) :]
+    live.update(v for v, u in zip(operands, inner_used, strict=True) if u and _is_var(v))
+  return keys, [v in live for v in jaxpr.invars]
+
+
+def _is_var(v: Any) -> bool:
+  return not isinstance(v, jex_core.Literal)
+
+
 # ------------------------------------------------------------------------ layer sites
 
 # Shape-only linear maps; all but broadcast_in_dim keep the Frobenius norm.
@@ -552,7 +591,7 @@ def dot_factors(site: Site, data, delta):
   ``B`` is the example axis of ``data``/``delta``, ``G`` the product of the product's batch
   dimensions, ``N`` of the data operand's free dimensions (positions sharing the weight), ``K``
   of the contracting and ``P`` of the parameter's free dimensions, in the order of
-  :func:`dot_param_layout`.
+  :func:`dot_param_axes`.
   """
   (lhs_c, rhs_c), (lhs_b, rhs_b) = site.eqn.params["dimension_numbers"]
   a_pos = 1 - site.param_pos
@@ -579,17 +618,18 @@ def dot_factors(site: Site, data, delta):
   return a, d
 
 
-def dot_param_layout(site: Site) -> tuple[int, ...]:
-  """The parameter operand's axes as (batch, contracting, free): ``(G, K, P)`` after a reshape.
+def dot_param_axes(site: Site) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+  """The parameter operand's (batch, contracting, free) axes of a ``dot_general`` site.
 
-  The order matches :func:`dot_factors`: ``a``'s contracting axes pair with the parameter's in
-  the dimension numbers' order, and the parameter's free axes keep their order in the output.
+  In the order of :func:`dot_factors`: ``G``, ``K`` and ``P`` are their sizes' products, the
+  contracting axes pair with the data's in the dimension numbers' order, and the free axes
+  keep their order in the output.
   """
   (lhs_c, rhs_c), (lhs_b, rhs_b) = site.eqn.params["dimension_numbers"]
   p_c, p_b = (lhs_c, lhs_b) if site.param_pos == 0 else (rhs_c, rhs_b)
   p_ndim = site.eqn.invars[site.param_pos].aval.ndim
   p_free = [i for i in range(p_ndim) if i not in p_c and i not in p_b]
-  return (*p_b, *p_c, *p_free)
+  return tuple(p_b), tuple(p_c), tuple(p_free)
 
 
 def _size(shape):
