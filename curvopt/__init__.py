@@ -60,6 +60,7 @@ from curvopt.linalg.nystrom import (
   nystrom_preconditioner,
 )
 from curvopt.linalg.status import SolverStatus
+from curvopt.optimizers.kfac import KFACInfo, KFACState, kfac
 from curvopt.optimizers.newton_cg import (
   CurvatureFn,
   NewtonCGInfo,
@@ -101,6 +102,8 @@ __all__ = [
   "CurvatureFn",
   "DPSGDState",
   "EigenResult",
+  "KFACInfo",
+  "KFACState",
   "FixedPointSolution",
   "LanczosResult",
   "MamlAux",
@@ -147,6 +150,7 @@ __all__ = [
   "jacobian_diagonal",
   "jacobian_gram",
   "jmp",
+  "kfac",
   "lambda_returns",
   "lanczos",
   "laplacian",

@@ -111,21 +111,20 @@ class _Index:
 
 
 @functools.partial(
-  jax.tree_util.register_dataclass, data_fields=["blocks"], meta_fields=["treedef", "indices"]
+  jax.tree_util.register_dataclass, data_fields=["blocks"], meta_fields=["indices"]
 )
 @dataclasses.dataclass(frozen=True)
 class KroneckerFactors:
   """Kronecker factors (or their damped inverses) of every parameter leaf: a pytree.
 
   Attributes:
-    blocks: one :class:`KroneckerBlock` or :class:`DiagonalBlock` per parameter leaf.
-    treedef: the parameters' tree structure.
+    blocks: one :class:`KroneckerBlock` or :class:`DiagonalBlock` per parameter leaf, in the
+      order of ``jax.tree.leaves(params)``.
     indices: per leaf, the static ``(groups, K, P)`` array of the leaf's flat entry at each
       entry of the layer's weight matrix (``None`` for diagonal blocks).
   """
 
   blocks: tuple[KroneckerBlock | DiagonalBlock, ...]
-  treedef: Any
   indices: tuple[_Index | None, ...]
 
 
@@ -146,7 +145,8 @@ def kronecker_matvec(factors: KroneckerFactors, v: Params) -> Params:
   Returns:
     A pytree shaped like ``v``.
   """
-  leaves = factors.treedef.flatten_up_to(v)
+  leaves, treedef = jax.tree.flatten(v)
+  _check_layout(factors, leaves)
   out = []
   for leaf, block, index in zip(leaves, factors.blocks, factors.indices, strict=True):
     if isinstance(block, DiagonalBlock):
@@ -157,7 +157,20 @@ def kronecker_matvec(factors: KroneckerFactors, v: Params) -> Params:
     m = left[..., None] * m if left.ndim == 2 else jnp.einsum("gij,gjp->gip", left, m)
     m = jnp.einsum("gkp,gpq->gkq", m, block.right.astype(m.dtype))
     out.append(_from_matrix(m, index, jnp.shape(leaf)))
-  return factors.treedef.unflatten(out)
+  return treedef.unflatten(out)
+
+
+def _check_layout(factors: KroneckerFactors, leaves: list) -> None:
+  sizes = [
+    math.prod(b.diagonal.shape) if i is None else i.array.size
+    for b, i in zip(factors.blocks, factors.indices, strict=True)
+  ]
+  if sizes != [math.prod(jnp.shape(x)) for x in leaves]:
+    raise ValueError(
+      f"The factors cover parameter leaves of sizes {sizes}, but the vector has leaves of "
+      f"sizes {[math.prod(jnp.shape(x)) for x in leaves]}: pass a pytree shaped like the "
+      "parameters the factors were computed for."
+    )
 
 
 def damped_inverse(factors: KroneckerFactors, damping: jax.typing.ArrayLike) -> KroneckerFactors:
@@ -325,7 +338,7 @@ def kronecker_factors(
     for i, leaf in enumerate(leaves)
   ]
   indices = tuple(layouts[i][0].index if i in layouts else None for i in range(len(leaves)))
-  return KroneckerFactors(tuple(blocks), treedef, indices)
+  return KroneckerFactors(tuple(blocks), indices)
 
 
 def _warn_diagonal(params: Params, diagonal: dict[int, str]) -> None:
