@@ -226,8 +226,8 @@ def batch_hessian(f: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Arra
 # Primitives whose every output element depends only on the same-index elements of its
 # (same-shaped) operands. A function built only of these is elementwise separable.
 _ELEMENTWISE_PRIMITIVES = frozenset(
-  """abs acos acosh add asin asinh atan atan2 atanh cbrt ceil clamp convert_element_type copy
-  copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag integer_pow
+  """abs acos acosh add add_any asin asinh atan atan2 atanh cbrt ceil clamp convert_element_type
+  copy copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag integer_pow
   is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not pow real
   reduce_precision rem round rsqrt select_n sign sin sinh sqrt square stop_gradient sub tan tanh
   and or xor""".split()
@@ -235,11 +235,17 @@ _ELEMENTWISE_PRIMITIVES = frozenset(
 
 
 def _is_elementwise(jaxpr: Any, dependent: Sequence[bool], shape: tuple[int, ...]) -> bool:
-  """Whether the outputs of ``jaxpr`` depend elementwise on its ``dependent`` inputs."""
+  """Whether the outputs of ``jaxpr`` depend elementwise on its ``dependent`` inputs.
+
+  Equations whose results reach no output (the loss value inside a gradient) are skipped.
+  """
   depends = {}
   for var, dep in zip(jaxpr.invars, dependent, strict=True):
     depends[var] = dep
-  for eqn in jaxpr.eqns:
+  live, _ = capture.live_equations(jaxpr)
+  for k, eqn in enumerate(jaxpr.eqns):
+    if (k,) not in live:
+      continue
     in_deps = [not isinstance(v, jex_core.Literal) and depends.get(v, False) for v in eqn.invars]
     if any(in_deps):
       for v, dep in zip(eqn.invars, in_deps, strict=True):

@@ -66,7 +66,7 @@ import numpy as np
 from jax import lax
 
 from curvopt import _checks, _nnx
-from curvopt.autodiff import capture
+from curvopt.autodiff import capture, derivatives
 
 KroneckerCurvature = Literal["ggn", "ggn_sampled", "fisher"]
 WeightSharing = Literal["expand", "reduce"]
@@ -525,45 +525,60 @@ def _case_split(site: capture.Site, leaf_shape: tuple[int, ...]) -> tuple | None
 
 
 def _output_columns(loss, outputs, group, curvature, key, num_samples) -> list[jax.Array]:
-  r"""The output cotangents :math:`s_m` of ``group``: per output leaf, ``(M, B, *shape)``.
-
-  The output Hessian of example :math:`b` (all of the group's outputs) is read column by column
-  from Hessian-vector products of the loss with the same basis vector in every example (the
-  loss is a sum over examples, so the Hessian is block diagonal).
-  """
+  r"""The output cotangents :math:`s_m` of ``group``: per output leaf, ``(M, B, *shape)``."""
   group_out = [outputs[j] for j in group.outputs]
   b = group.size
-  widths = [math.prod(o.shape[1:]) for o in group_out]
+  splits = np.cumsum([math.prod(o.shape[1:]) for o in group_out])[:-1]
   flat = lambda outs: jnp.concatenate([o.reshape(b, -1) for o in outs], axis=1)  # noqa: E731
 
-  def embed(columns):  # (B, C) in the group's outputs, zeros elsewhere
-    full = [jnp.zeros_like(o) for o in outputs]
-    parts = jnp.split(columns, np.cumsum(widths)[:-1], axis=1)
-    for j, part, o in zip(group.outputs, parts, group_out, strict=True):
-      full[j] = part.reshape(o.shape).astype(o.dtype)
-    return full
+  def split(values):  # (B, C) -> the group's leaves (no split op for one leaf: elementwise)
+    return jnp.split(values, splits, axis=1) if len(group_out) > 1 else [values]
 
+  def gradient(values):  # the group's outputs, (B, C) -> the loss gradient there, (B, C)
+    full = list(outputs)
+    for j, part, o in zip(group.outputs, split(values), group_out, strict=True):
+      full[j] = part.reshape(o.shape).astype(o.dtype)
+    grads = jax.grad(loss)(full)
+    return flat([grads[j] for j in group.outputs])
+
+  x = flat(group_out).astype(_dtype(group_out[0]))
   if curvature == "fisher":
-    grads = jax.grad(loss)(outputs)
-    cols = jnp.sqrt(b) * flat([grads[j] for j in group.outputs])[None]
+    cols = jnp.sqrt(b) * gradient(x)[None]
   else:
-    basis = jnp.eye(sum(widths), dtype=_dtype(group_out[0]))
-    hvp = lambda e: jax.jvp(jax.grad(loss), (outputs,), (embed(jnp.broadcast_to(e, (b, e.size))),))[
-      1
-    ]  # noqa: E731
-    columns = jax.vmap(lambda e: flat([hvp(e)[j] for j in group.outputs]))(basis)  # (C, B, C)
-    hessian = jnp.transpose(columns, (1, 2, 0))
-    w, q = jnp.linalg.eigh(0.5 * (hessian + jnp.swapaxes(hessian, 1, 2)))
-    root = q * jnp.sqrt(jnp.maximum(w, 0))[:, None, :]  # (B, C, C): H_b = root root^T
-    if curvature == "ggn":
+    root = _hessian_root(gradient, x)
+    if curvature == "ggn" and root.ndim == 2:
+      cols = jnp.eye(x.shape[1], dtype=x.dtype)[:, None, :] * root[None]
+    elif curvature == "ggn":
       cols = jnp.transpose(root, (2, 0, 1))
     else:
-      signs = jax.random.rademacher(key, (num_samples, *root.shape[:2]), root.dtype)
-      cols = jnp.einsum("bij,mbj->mbi", root, signs) / jnp.sqrt(num_samples)
-  parts = jnp.split(cols, np.cumsum(widths)[:-1], axis=2)
+      signs = jax.random.rademacher(key, (num_samples, *x.shape), x.dtype)
+      if root.ndim == 3:
+        signs = jnp.einsum("bij,mbj->mbi", root, signs)
+      cols = (signs * root[None] if root.ndim == 2 else signs) / jnp.sqrt(num_samples)
   return [
-    p.reshape(p.shape[0], *o.shape).astype(o.dtype) for p, o in zip(parts, group_out, strict=True)
+    p.reshape(p.shape[0], *o.shape).astype(o.dtype)
+    for p, o in zip(jax.vmap(split)(cols), group_out, strict=True)
   ]
+
+
+def _hessian_root(gradient: Callable, x: jax.Array) -> jax.Array:
+  r"""A square root of each example's output Hessian :math:`H_b = R_b R_b^\top`.
+
+  ``gradient`` maps the outputs ``(B, C)`` to the loss gradient. When it is elementwise (read
+  from its jaxpr: squared error, logistic losses) :math:`H_b` is diagonal, one
+  Hessian-vector product with ones gives it, and the root is its square root ``(B, C)``.
+  Otherwise :math:`H_b` is read column by column from ``C`` products with the same basis
+  vector in every example (the loss is a sum over examples, so the Hessian is block diagonal)
+  and the symmetric root ``(B, C, C)`` comes from its eigendecomposition.
+  """
+  if derivatives.is_elementwise(gradient, x):
+    diagonal = jax.jvp(gradient, (x,), (jnp.ones_like(x),))[1]
+    return jnp.sqrt(jnp.maximum(diagonal, 0))
+  basis = jnp.eye(x.shape[1], dtype=x.dtype)
+  hvp = lambda e: jax.jvp(gradient, (x,), (jnp.broadcast_to(e, x.shape),))[1]  # noqa: E731
+  hessian = jnp.transpose(jax.vmap(hvp)(basis), (1, 2, 0))
+  w, q = jnp.linalg.eigh(0.5 * (hessian + jnp.swapaxes(hessian, 1, 2)))
+  return q * jnp.sqrt(jnp.maximum(w, 0))[:, None, :]
 
 
 # ----------------------------------------------------------------------------- layer cases

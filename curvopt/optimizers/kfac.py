@@ -286,7 +286,7 @@ def kfac(
     dtype = jnp.result_type(*jax.tree.leaves(params))
     factors = inverse = None
     if data_like is not None:
-      shapes = jax.eval_shape(lambda p: estimate(p, data_like, jax.random.key(0)), params)
+      shapes = jax.eval_shape(lambda p, d: estimate(p, d, jax.random.key(0)), params, data_like)
       factors = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       inverse = factors
     nan = jnp.asarray(jnp.nan, dtype)
