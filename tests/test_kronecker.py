@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from helpers import dense_ggn, mlp_params
 
+from curvopt.curvature import kronecker
 from curvopt.curvature.kronecker import (
   DiagonalBlock,
   damped_inverse,
@@ -512,3 +513,16 @@ def test_sharded_batch_gives_the_single_device_factors():
 
 if __name__ == "__main__":
   _sharded_main()
+
+
+def test_shifted_inverse_falls_back_to_the_clipped_eigendecomposition():
+  """A factor whose rounding made it indefinite: Cholesky fails, the eigenvalues are clipped."""
+  m = jnp.array([[[1.0, 0.0], [0.0, -1e-2]]], F64)
+  inverse = kronecker._shifted_inverse(m, jnp.array([1e-3], F64))
+  np.testing.assert_allclose(inverse[0], np.diag([1 / 1.001, 1e3]), rtol=1e-12)
+  spd = jnp.array([[[2.0, 1.0], [1.0, 2.0]]], F64)
+  np.testing.assert_allclose(
+    kronecker._shifted_inverse(spd, jnp.array([0.5], F64))[0],
+    np.linalg.inv(np.array([[2.5, 1.0], [1.0, 2.5]])),
+    rtol=1e-12,
+  )

@@ -180,8 +180,7 @@ def damped_inverse(factors: KroneckerFactors, damping: jax.typing.ArrayLike) -> 
   :math:`(A + \pi \sqrt{\lambda} I)^{-1} \otimes (G + \frac{\sqrt{\lambda}}{\pi} I)^{-1}` with
   :math:`\pi = \sqrt{(\operatorname{tr} A / K) / (\operatorname{tr} G / P)}`, which balances the
   damping between the factors (Martens & Grosse 2015, §6.3; :math:`\pi = 1` when a trace is
-  zero). Diagonal blocks are inverted exactly, :math:`1 / (d + \lambda)`. The factors are
-  eigendecomposed, their negative rounding errors clipped to zero.
+  zero). Diagonal blocks are inverted exactly, :math:`1 / (d + \lambda)`.
 
   Args:
     factors: from :func:`kronecker_factors`.
@@ -227,10 +226,24 @@ def kronecker_inverse_fn(
 
 
 def _shifted_inverse(m: jax.Array, shift: jax.Array) -> jax.Array:
-  """``(m + shift I)^{-1}`` for symmetric PSD ``m`` (``(G, n, n)``), per group."""
-  w, q = jnp.linalg.eigh(m)
-  w = 1.0 / (jnp.maximum(w, 0) + shift[:, None])
-  return jnp.einsum("gik,gk,gjk->gij", q, w, q)
+  """``(m + shift I)^{-1}`` for symmetric PSD ``m`` (``(G, n, n)``), per group.
+
+  By Cholesky factorisation; where rounding makes that fail (a non-finite result), by the
+  eigendecomposition with negative eigenvalues clipped to zero.
+  """
+  eye = jnp.eye(m.shape[-1], dtype=m.dtype)
+  shifted = m + shift[:, None, None] * eye
+
+  def cholesky_inverse(a):
+    return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(a), True), eye)
+
+  def eigen_inverse(_):
+    w, q = jnp.linalg.eigh(m)
+    w = 1.0 / (jnp.maximum(w, 0) + shift[:, None])
+    return jnp.einsum("gik,gk,gjk->gij", q, w, q)
+
+  inverse = jax.vmap(cholesky_inverse)(shifted)
+  return lax.cond(jnp.all(jnp.isfinite(inverse)), lambda _: inverse, eigen_inverse, None)
 
 
 def _to_matrix(leaf: jax.Array, index: _Index) -> jax.Array:
