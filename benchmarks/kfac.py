@@ -10,8 +10,12 @@
 2. ``races``: the launcher's digits autoencoder (60 s) and digits CNN (15 s), kfac against
    Adam with the configs' settings: the time K-FAC needs to reach Adam's best training error,
    and the test accuracy at equal wall time.
+3. ``peer``: curvopt.kfac and kfac-jax (its automatic modes, in its own virtual environment:
+   ``benchmarks/kfac_jax_peer.py``, interpreter from ``$KFAC_JAX_PYTHON``, default
+   ``/work/venvs/kfacjax/bin/python``) on the launcher's digits autoencoder with the same data
+   and initial parameters (seed 0), full batch, float32: training MSE against wall time.
 
-Usage: PYTHONPATH=$PWD python benchmarks/kfac.py [--only steps|races] [--seconds-scale S]
+Usage: PYTHONPATH=$PWD python benchmarks/kfac.py [--only steps|races|peer] [--seconds-scale S]
 The machine is shared: read the ratios, and the absolute times, as loaded-machine figures.
 """
 
@@ -22,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -211,12 +216,91 @@ def races_benchmark(scale):
   )
 
 
+# ---------------------------------------------------------------------------------- peer
+
+
+def _autoencoder():
+  from curvopt.experiment import runner
+  from experiments import autoencoder
+
+  task = autoencoder.build(autoencoder.Config(encoder=[64, 128, 64, 32, 6]), jnp.float32)
+  return task, task.init_params(runner._keys(0)[0])
+
+
+def _curvopt_run(task, params, seconds):
+  x = task.train_data["x"]
+  tx = kfac(model_fn=task.model_fn, loss_fn=task.output_loss, data_like=task.train_data)
+  mse = jax.jit(lambda p: task.evaluate(p)["train_mse"])
+
+  @jax.jit
+  def ten_steps(params, state):
+    def body(_, carry):
+      params, state = carry
+      grads = jax.grad(task.loss)(params, x)
+      updates, state = tx.update(grads, state, params, x=x)
+      return optax.apply_updates(params, updates), state
+
+    return jax.lax.fori_loop(0, 10, body, (params, state))
+
+  state = tx.init(params)
+  records = [{"step": 0, "wall_time": 0.0, "train_mse": float(mse(params))}]
+  jax.block_until_ready(ten_steps(params, state))  # compile
+  wall, step = 0.0, 0
+  while wall < seconds:
+    tic = time.perf_counter()
+    params, state = jax.block_until_ready(ten_steps(params, state))
+    wall += time.perf_counter() - tic
+    step += 10
+    records.append({"step": step, "wall_time": wall, "train_mse": float(mse(params))})
+  return records
+
+
+def _at(records, seconds):
+  before = [r["train_mse"] for r in records if r["wall_time"] <= seconds]
+  return min(before) if before else float("nan")
+
+
+def peer_benchmark(scale):
+  seconds = 60 * scale
+  task, params = _autoencoder()
+  rows = {"curvopt.kfac": _curvopt_run(task, params, seconds)}
+  python = os.environ.get("KFAC_JAX_PYTHON", "/work/venvs/kfacjax/bin/python")
+  with tempfile.TemporaryDirectory() as tmp:
+    arrays = {"x": np.asarray(task.train_data["x"]), "code_layer": task.code_layer}
+    for i, layer in enumerate(params):
+      arrays[f"w{i}"], arrays[f"b{i}"] = np.asarray(layer["w"]), np.asarray(layer["b"])
+    np.savez(os.path.join(tmp, "problem.npz"), **arrays)
+    out = os.path.join(tmp, "peer.json")
+    script = os.path.join(ROOT, "benchmarks", "kfac_jax_peer.py")
+    args = [python, script, os.path.join(tmp, "problem.npz"), str(seconds), out]
+    proc = subprocess.run(args, capture_output=True, text=True, check=False)
+    if proc.returncode == 0:
+      with open(out) as f:
+        peer = json.load(f)
+      rows[f"kfac-jax 0.0.8 (JAX {peer['jax']})"] = peer["records"]
+    else:
+      print(f"kfac-jax did not run ({python}):\n{proc.stderr[-2000:]}")
+  times = [seconds / 6, seconds / 2, seconds]
+  table = []
+  for name, records in rows.items():
+    steps = records[-1]["step"]
+    ms = 1e3 * records[-1]["wall_time"] / max(steps, 1)
+    table.append([name, steps, ms, *[_at(records, t) for t in times]])
+  print_table(
+    "digits autoencoder, full batch, float32, seed 0: best training MSE by wall time (loaded)",
+    ["optimizer", "steps", "ms/step", *[f"MSE by {t:.0f} s" for t in times]],
+    table,
+  )
+
+
 if __name__ == "__main__":
   parser = argparse.ArgumentParser()
-  parser.add_argument("--only", choices=("steps", "races"))
+  parser.add_argument("--only", choices=("steps", "races", "peer"))
   parser.add_argument("--seconds-scale", type=float, default=1.0)
   args = parser.parse_args()
   if args.only in (None, "steps"):
     steps_benchmark()
   if args.only in (None, "races"):
     races_benchmark(args.seconds_scale)
+  if args.only in (None, "peer"):
+    peer_benchmark(args.seconds_scale)
