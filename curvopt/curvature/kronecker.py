@@ -67,6 +67,7 @@ from jax import lax
 
 from curvopt import _checks, _nnx
 from curvopt.autodiff import capture, derivatives
+from curvopt.curvature import _layer_cases as layer_cases
 
 KroneckerCurvature = Literal["ggn", "ggn_sampled", "fisher"]
 WeightSharing = Literal["expand", "reduce"]
@@ -93,23 +94,6 @@ class DiagonalBlock(NamedTuple):
   diagonal: jax.Array
 
 
-class _Index:
-  """A static integer array (leaf entry of each matrix entry), usable as pytree metadata."""
-
-  def __init__(self, array: np.ndarray):
-    self.array = np.asarray(array)
-    self._key = (self.array.shape, self.array.tobytes())
-    flat = self.array.reshape(-1)
-    self.identity = bool(np.array_equal(flat, np.arange(flat.size)))
-    self.inverse = np.argsort(flat)
-
-  def __hash__(self):
-    return hash(self._key)
-
-  def __eq__(self, other):
-    return isinstance(other, _Index) and self._key == other._key
-
-
 @functools.partial(
   jax.tree_util.register_dataclass, data_fields=["blocks"], meta_fields=["indices"]
 )
@@ -125,7 +109,7 @@ class KroneckerFactors:
   """
 
   blocks: tuple[KroneckerBlock | DiagonalBlock, ...]
-  indices: tuple[_Index | None, ...]
+  indices: tuple[layer_cases.Index | None, ...]
 
 
 # --------------------------------------------------------------------- products and inverses
@@ -246,13 +230,13 @@ def _shifted_inverse(m: jax.Array, shift: jax.Array) -> jax.Array:
   return lax.cond(jnp.all(jnp.isfinite(inverse)), lambda _: inverse, eigen_inverse, None)
 
 
-def _to_matrix(leaf: jax.Array, index: _Index) -> jax.Array:
+def _to_matrix(leaf: jax.Array, index: layer_cases.Index) -> jax.Array:
   if index.identity:
     return jnp.reshape(leaf, index.array.shape)
   return jnp.reshape(leaf, -1)[index.array]
 
 
-def _from_matrix(m: jax.Array, index: _Index, shape: tuple[int, ...]) -> jax.Array:
+def _from_matrix(m: jax.Array, index: layer_cases.Index, shape: tuple[int, ...]) -> jax.Array:
   if index.identity:
     return jnp.reshape(m, shape)
   return jnp.reshape(m, -1)[index.inverse].reshape(shape)
@@ -326,12 +310,12 @@ def kronecker_factors(
   ]
   plans = [capture.find_sites(t.jaxpr, len(leaves)) for t in traces]
   lives = [capture.live_equations(t.jaxpr)[0] for t in traces]
-  layouts, diagonal = _leaf_layouts(leaves, plans, lives)
+  layouts, diagonal = layer_cases.leaf_layouts(leaves, plans, lives)
   _warn_diagonal(params, diagonal)
   captures = []
   for g, (group, closed, plan) in enumerate(zip(groups, traces, plans, strict=True)):
     sites = {u.site.key: u.site for uses in layouts.values() for u in uses if u.group == g}
-    fallback = [i for i in diagonal if _uses_leaf(plan, i)]
+    fallback = [i for i in diagonal if layer_cases.uses_leaf(plan, i)]
     examples = [batch_leaves[i] for i in group.data]
     captures.append((capture.capture(closed, leaves, examples, sites, fallback), fallback))
   outputs = [None] * len(out_leaves_spec)
@@ -343,11 +327,11 @@ def kronecker_factors(
     _output_columns(loss, outputs, group, curvature, _fold(key, g), num_samples)
     for g, group in enumerate(groups)
   ]
-  cases, diagonals = _record_cases(leaves, layouts, captures, columns)
+  cases, diagonals = layer_cases.record_cases(leaves, layouts, captures, columns)
   blocks = [
     _block(cases[i], weight_sharing)
     if i in layouts
-    else DiagonalBlock(diagonals.get(i, jnp.zeros(jnp.shape(leaf), _dtype(leaf))))
+    else DiagonalBlock(diagonals.get(i, jnp.zeros(jnp.shape(leaf), layer_cases.dtype_of(leaf))))
     for i, leaf in enumerate(leaves)
   ]
   indices = tuple(layouts[i][0].index if i in layouts else None for i in range(len(leaves)))
@@ -364,11 +348,6 @@ def _warn_diagonal(params: Params, diagonal: dict[int, str]) -> None:
     "a diagonal block (the GGN's diagonal, from per-example gradients).",
     stacklevel=3,
   )
-
-
-def _dtype(x: Any) -> Any:
-  """Factors of half-precision models are accumulated in float32."""
-  return jnp.promote_types(jnp.result_type(x), jnp.float32)
 
 
 def _fold(key: jax.Array | None, i: int) -> jax.Array | None:
@@ -431,109 +410,6 @@ def _trace_group(model_fn, leaves, treedef, batch_leaves, batch_def, out_def, gr
   return jax.make_jaxpr(one_example)(leaf_spec, example_spec)
 
 
-# --------------------------------------------------------------------------- layer layouts
-
-
-class _Use(NamedTuple):
-  """A site of a leaf in the trace of group ``group``, in the leaf's block layout.
-
-  Attributes:
-    group: index of the example group whose trace holds the site.
-    site: the site.
-    index: the ``(groups, K, P)`` leaf index of the site's weight matrix.
-    swapped: whether the site reads the block's matrix transposed (its cotangents are rows).
-    split: for elementwise sites, ``(axes, cases, order)`` of :func:`_case_split`.
-  """
-
-  group: int
-  site: capture.Site
-  index: _Index
-  swapped: bool
-  split: tuple | None
-
-
-def _uses_leaf(plan: capture.Plan, leaf: int) -> bool:
-  return bool(plan.uses[leaf])
-
-
-def _leaf_layouts(leaves, plans, lives) -> tuple[dict[int, list[_Use]], dict[int, str]]:
-  """Per leaf, its sites in one common layout; or, for the diagonal block, the reason.
-
-  Only sites that reach their group's outputs count (``lives``: the live equation keys).
-  """
-  layouts, diagonal = {}, {}
-  for i, leaf in enumerate(leaves):
-    uses = [
-      (g, u)
-      for g, (plan, live) in enumerate(zip(plans, lives, strict=True))
-      for u in plan.uses[i]
-      if not isinstance(u, capture.Site) or u.key in live
-    ]
-    if not uses:
-      continue
-    reasons = [u for _, u in uses if isinstance(u, str)]
-    if reasons:
-      diagonal[i] = reasons[0]
-      continue
-    found = [_site_use(g, site, jnp.shape(leaf)) for g, site in uses]
-    if any(u is None for u in found):
-      diagonal[i] = "an elementwise use that is not a broadcast"
-      continue
-    first = found[0].index.array
-    for k, u in enumerate(found):
-      same = np.array_equal(u.index.array, first)
-      swapped = first.shape[0] == 1 and np.array_equal(u.index.array, first.transpose(0, 2, 1))
-      if not (same or swapped):
-        diagonal[i] = f"used {len(found)}x in different layouts"
-        break
-      found[k] = u._replace(index=found[0].index, swapped=not same)
-    else:
-      layouts[i] = found
-  return layouts, diagonal
-
-
-def _site_use(group: int, site: capture.Site, leaf_shape: tuple[int, ...]) -> _Use | None:
-  """The site's weight-matrix index: ``(groups, K, P)`` rows are inputs, columns outputs."""
-  operand = site.leaf_index(leaf_shape)
-  if site.kind == "dot":
-    batch, contracting, free = capture.dot_param_axes(site)
-    index = operand.transpose(*batch, *contracting, *free)
-    size = lambda axes: math.prod(operand.shape[d] for d in axes)  # noqa: E731
-    index = index.reshape(size(batch), size(contracting), size(free))
-  elif site.kind == "conv":
-    rhs_spec = site.eqn.params["dimension_numbers"].rhs_spec
-    index = operand.transpose(rhs_spec[1], *rhs_spec[2:], rhs_spec[0])
-    index = index.reshape(1, -1, operand.shape[rhs_spec[0]])
-  elif site.kind == "gather":
-    index = operand.reshape(1, operand.shape[0], -1)
-  else:
-    split = _case_split(site, leaf_shape)
-    if split is None:
-      return None
-    index = np.arange(math.prod(leaf_shape)).reshape(1, 1, -1)
-    return _Use(group, site, _Index(index), False, split)
-  return _Use(group, site, _Index(index), False, None)
-
-
-def _case_split(site: capture.Site, leaf_shape: tuple[int, ...]) -> tuple | None:
-  """How an elementwise site's output splits into cases, each reading the whole leaf once.
-
-  Returns ``(axes, cases, order)``: the output axes transposed to (case axes, leaf axes),
-  the number of cases, and the permutation putting a case's entries in the leaf's flat order;
-  ``None`` unless the operand is the leaf broadcast along some output axes.
-  """
-  index = np.broadcast_to(site.leaf_index(leaf_shape), site.out_aval.shape)
-  shared = [ax for ax in range(index.ndim) if (np.ptp(index, axis=ax) == 0).all()]
-  own = [ax for ax in range(index.ndim) if ax not in shared]
-  size = math.prod(leaf_shape)
-  rows = index.transpose(*shared, *own).reshape(-1, math.prod(index.shape[ax] for ax in own))
-  if rows.shape[1] != size or not (rows == rows[0]).all():
-    return None
-  if not np.array_equal(np.sort(rows[0]), np.arange(size)):
-    return None
-  return (*shared, *own), rows.shape[0], np.argsort(rows[0])
-
-
 # ------------------------------------------------------------------------ output columns
 
 
@@ -554,7 +430,7 @@ def _output_columns(loss, outputs, group, curvature, key, num_samples) -> list[j
     grads = jax.grad(loss)(full)
     return flat([grads[j] for j in group.outputs])
 
-  x = flat(group_out).astype(_dtype(group_out[0]))
+  x = flat(group_out).astype(layer_cases.dtype_of(group_out[0]))
   if curvature == "fisher":
     cols = jnp.sqrt(b) * gradient(x)[None]
   else:
@@ -594,129 +470,12 @@ def _hessian_root(gradient: Callable, x: jax.Array) -> jax.Array:
   return q * jnp.sqrt(jnp.maximum(w, 0))[:, None, :]
 
 
-# ----------------------------------------------------------------------------- layer cases
-
-
-class _Rows(NamedTuple):
-  """The one-hot rows of a lookup's indices, never materialised: ``(B, N)`` ids and mask."""
-
-  ids: jax.Array
-  valid: jax.Array
-  rows: int
-  dtype: Any
-
-
-class _Side(NamedTuple):
-  """One side of a site's cases: activations ``(B, G, N, d)``, cotangents ``(M, B, G, N, d)``
-  (``cotangent=True``) or one-hot rows."""
-
-  x: Any
-  cotangent: bool
-
-
-class _Case(NamedTuple):
-  """A site's cases in its block's layout: ``rows`` side (:math:`A`), ``cols`` side
-  (:math:`G`), and the example group it came from."""
-
-  group: int
-  rows: _Side
-  cols: _Side
-
-
-def _record_cases(leaves, layouts, captures, columns):
-  """Every block's cases ``(group, rows side, columns side)`` and the diagonal blocks."""
-  cases: dict[int, list] = {i: [] for i in layouts}
-  diagonals: dict[int, jax.Array] = {}
-  for g, ((captured, fallback), cols) in enumerate(zip(captures, columns, strict=True)):
-    fb_grads, deltas = jax.vmap(captured.vjp)(cols)
-    for i, grads in zip(fallback, fb_grads, strict=True):
-      sq = jnp.sum(jnp.square(grads.astype(_dtype(grads))), axis=(0, 1))
-      diagonals[i] = diagonals.get(i, 0) + sq
-    for i, uses in layouts.items():
-      for use in uses:
-        if use.group == g:
-          data = captured.data[use.site.key]
-          left, right = _sides(use, data, deltas[use.site.key], leaves[i])
-          cases[i].append(_Case(g, right, left) if use.swapped else _Case(g, left, right))
-  return cases, diagonals
-
-
-def _sides(use: _Use, data: list, delta: jax.Array, leaf: jax.Array) -> tuple[_Side, _Side]:
-  """The site's cases: its inputs (rows of the weight) and output cotangents (columns)."""
-  site = use.site
-  delta = delta.astype(_dtype(delta))
-  if site.kind == "dot":
-    a, _ = capture.dot_factors(site, data, delta[0])
-    d = jax.vmap(lambda dm: capture.dot_factors(site, data, dm)[1])(delta)
-    return _Side(a.astype(delta.dtype), False), _Side(d, True)
-  if site.kind == "conv":
-    return _conv_sides(site, data, delta)
-  if site.kind == "gather":
-    return _lookup_sides(site, data, delta)
-  return _elementwise_sides(site, data, delta, leaf, use.split)
-
-
-def _conv_sides(site, data, delta):
-  """Input patches ``(B, 1, N, C_in * taps)`` (KFC) and output cotangents per position."""
-  params = site.eqn.params
-  dn = params["dimension_numbers"]
-  m, b = delta.shape[:2]
-  x = jnp.moveaxis(data[0].astype(delta.dtype), 0, dn.lhs_spec[0])  # examples, then images
-  x = x.reshape(*x.shape[: dn.lhs_spec[0]], -1, *x.shape[dn.lhs_spec[0] + 2 :])
-  kernel_shape = site.eqn.invars[1].aval.shape
-  patches = lax.conv_general_dilated_patches(
-    x,
-    [kernel_shape[d] for d in dn.rhs_spec[2:]],
-    params["window_strides"],
-    params["padding"],
-    params["lhs_dilation"],
-    params["rhs_dilation"],
-    dn,
-  )
-  out_order = (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1])
-  patches = jnp.transpose(patches, out_order)
-  patches = patches.reshape(b, 1, -1, patches.shape[-1])
-  d = jnp.transpose(delta, (0, 1, *(2 + d for d in out_order)))
-  return _Side(patches, False), _Side(d.reshape(m, b, 1, -1, d.shape[-1]), True)
-
-
-def _lookup_sides(site, data, delta):
-  """One-hot rows of the looked-up ids (out-of-range ``fill`` lookups read none)."""
-  m, b = delta.shape[:2]
-  rows = site.eqn.invars[0].aval.shape[0]
-  ids = data[1].reshape(b, -1)
-  if "FILL_OR_DROP" in str(site.eqn.params["mode"]):
-    valid = (ids >= 0) & (ids < rows)
-  else:
-    valid = jnp.ones(ids.shape, bool)
-  d = delta.reshape(m, b, 1, ids.shape[1], -1) * valid[None, :, None, :, None]
-  rows_side = _Rows(jnp.clip(ids, 0, rows - 1), valid, rows, d.dtype)
-  return _Side(rows_side, False), _Side(d, True)
-
-
-def _elementwise_sides(site, data, delta, leaf, split):
-  """A bias or scale: input 1, and the per-case gradient (``∂out/∂operand`` times δ)."""
-  axes, num_cases, order = split
-  m, b = delta.shape[:2]
-  data = site.full_data(data, b)
-  operand = site.chain_fn(leaf)
-
-  def slope(d):  # ∂ out / ∂ operand, entrywise (the operation is elementwise)
-    return jax.jvp(lambda p: site.op_fn(d, p), (operand,), (jnp.ones_like(operand),))[1]
-
-  in_axes = ([None if x is None else 0 for x in data],)
-  u = jax.vmap(slope, in_axes=in_axes)(data).astype(delta.dtype)[None] * delta
-  u = jnp.transpose(u, (0, 1, *(2 + ax for ax in axes))).reshape(m, b, num_cases, -1)
-  ones = jnp.ones((b, 1, num_cases, 1), delta.dtype)
-  return _Side(ones, False), _Side(u[..., order][:, :, None], True)
-
-
 # ------------------------------------------------------------------------------ the blocks
 
 
-def _block(cases: list[_Case], weight_sharing: WeightSharing) -> KroneckerBlock:
+def _block(cases: list[layer_cases.Case], weight_sharing: WeightSharing) -> KroneckerBlock:
   """One leaf's :math:`A` and :math:`G` from its cases (module docstring's formulas)."""
-  plain = all(not c.rows.cotangent and not isinstance(c.rows.x, _Rows) for c in cases)
+  plain = all(not c.rows.cotangent and not isinstance(c.rows.x, layer_cases.Rows) for c in cases)
   if weight_sharing == "reduce" and plain:
     return _reduced_block(cases)
   num_cases = sum(_num_cases(c.rows) for c in cases)
@@ -725,7 +484,7 @@ def _block(cases: list[_Case], weight_sharing: WeightSharing) -> KroneckerBlock:
   return KroneckerBlock(left, right)
 
 
-def _reduced_block(cases: list[_Case]) -> KroneckerBlock:
+def _reduced_block(cases: list[layer_cases.Case]) -> KroneckerBlock:
   """K-FAC-reduce: per example, inputs averaged and cotangents summed over all positions."""
   left, right, examples = 0.0, 0.0, 0
   for g in sorted({c.group for c in cases}):
@@ -739,18 +498,18 @@ def _reduced_block(cases: list[_Case]) -> KroneckerBlock:
   return KroneckerBlock(left / examples, right)
 
 
-def _num_cases(side: _Side) -> int:
-  if isinstance(side.x, _Rows):
+def _num_cases(side: layer_cases.Side) -> int:
+  if isinstance(side.x, layer_cases.Rows):
     return side.x.ids.size
   shape = side.x.shape[1:] if side.cotangent else side.x.shape
   return shape[0] * shape[2]
 
 
-def _gram(side: _Side) -> jax.Array:
+def _gram(side: layer_cases.Side) -> jax.Array:
   """:math:`\\sum x x^\\top` over the side's cases (and output columns): ``(G, d, d)``, or the
   diagonal ``(1, rows)`` of one-hot rows (their counts)."""
   x = side.x
-  if isinstance(x, _Rows):
+  if isinstance(x, layer_cases.Rows):
     counts = jnp.zeros((x.rows,), x.dtype).at[x.ids.reshape(-1)].add(x.valid.reshape(-1))
     return counts[None]
   if side.cotangent:
