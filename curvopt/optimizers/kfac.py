@@ -163,6 +163,118 @@ def _positive(name: str, value: Any) -> None:
     raise ValueError(f"{name} must be > 0; got {value!r}.")
 
 
+class _Options(NamedTuple):
+  """The configuration of :func:`kfac` that its update reads (see its arguments)."""
+
+  model_fn: Callable[..., Any]
+  loss_fn: Callable[..., jax.Array]
+  learning_rate: Any
+  momentum: Any
+  curvature: kron.KroneckerCurvature
+  num_samples: int
+  weight_sharing: kron.WeightSharing
+  adapt_damping: bool
+  damping_every: Any
+  damping_decay: Any
+  factor_decay: Any
+  factor_every: Any
+  inverse_every: Any
+
+  def model(self, params, data):
+    return self.model_fn(params, **route(self.model_fn, data))
+
+  def loss(self, outputs, data):
+    return self.loss_fn(outputs, **route(self.loss_fn, data))
+
+
+def _estimate(opts: _Options, params, data, key) -> kron.KroneckerFactors:
+  return kron.kronecker_factors(
+    opts.model,
+    opts.loss,
+    params,
+    data,
+    curvature=opts.curvature,
+    weight_sharing=opts.weight_sharing,
+    key=key,
+    num_samples=opts.num_samples,
+  )
+
+
+def _update(opts: _Options, grads, state: KFACState, params, value, data):
+  """One K-FAC update (module docstring, steps 1-5): ``(step, new state)``."""
+  count, lam = state.count, state.damping
+  key, sample_key = jax.random.split(state.key)
+  factors, inverse = _refresh(opts, state, params, data, sample_key)
+  direction = kron.kronecker_matvec(inverse, grads)
+  model = lambda p: opts.model(p, data)  # noqa: E731
+  loss = lambda out: opts.loss(out, data)  # noqa: E731
+  nan = jnp.asarray(jnp.nan, lam.dtype)
+  if opts.learning_rate is None:
+    q, b, h = _quadratic_terms(model, loss, params, lam, [direction, state.velocity], grads)
+    alpha, mu, change = quadratic_step(q, b, count == 0)
+  else:
+    rate = opts.learning_rate
+    eta = rate(count) if callable(rate) else rate
+    alpha, mu = -jnp.asarray(eta, lam.dtype), jnp.asarray(opts.momentum, lam.dtype)
+    h, change = nan, nan
+  h = jnp.asarray(h if value is None else value, lam.dtype)
+  step = optax.tree.add(optax.tree.scale(alpha, direction), optax.tree.scale(mu, state.velocity))
+  finite = optax.tree.norm(step) < jnp.inf
+  step = optax.tree.where(finite, step, optax.tree.zeros_like(step))
+  rho, next_lam = _adapt(opts, state, params, data, step, h, change, grads)
+  next_lam = jnp.where(finite, next_lam, lam / opts.damping_decay**opts.damping_every)
+  info = KFACInfo(h, rho, alpha, mu, change)
+  new_state = KFACState(optax.safe_increment(count), key, factors, inverse, step, next_lam, info)
+  return step, new_state
+
+
+def _refresh(opts: _Options, state: KFACState, params, data, key):
+  """The factors' moving averages and, every ``inverse_every`` updates, their inverses."""
+  lam = state.damping
+  if state.factors is None:  # no data_like: the first update allocates the factors
+    factors = _estimate(opts, params, data, key)
+    return factors, kron.damped_inverse(factors, lam)
+
+  def averaged(old):
+    decay = jnp.minimum(1.0 - 1.0 / (state.count + 1.0), opts.factor_decay)
+    new = _estimate(opts, params, data, key)
+    return jax.tree.map(lambda o, n: (decay * o + (1 - decay) * n).astype(o.dtype), old, new)
+
+  factors = jax.lax.cond(
+    state.count % opts.factor_every == 0, averaged, lambda old: old, state.factors
+  )
+  inverse = jax.lax.cond(
+    state.count % opts.inverse_every == 0,
+    lambda: kron.damped_inverse(factors, lam),
+    lambda: state.inverse,
+  )
+  return factors, inverse
+
+
+def _adapt(opts: _Options, state: KFACState, params, data, step, h, change, grads):
+  """:math:`\\rho` and the next :math:`\\lambda` (Levenberg-Marquardt, every T1 updates)."""
+  lam = state.damping
+  nan = jnp.asarray(jnp.nan, lam.dtype)
+  if not opts.adapt_damping:
+    return nan, lam
+
+  def measure():
+    predicted, current = change, h
+    if opts.learning_rate is not None:  # the model's value at the fixed-rate step
+      model = lambda p: opts.model(p, data)  # noqa: E731
+      loss = lambda out: opts.loss(out, data)  # noqa: E731
+      q, b, current = _quadratic_terms(model, loss, params, lam, [step], grads)
+      predicted = b[0] + 0.5 * q[0, 0]
+    new_h = opts.loss(opts.model(optax.tree.add(params, step), data), data)
+    rho = damping_lib.reduction_ratio(new_h - current, predicted).astype(lam.dtype)
+    omega = opts.damping_decay**opts.damping_every
+    new_lam = damping_lib.levenberg_marquardt(lam, rho, increase=1 / omega, decrease=omega)
+    return rho, new_lam.astype(lam.dtype)
+
+  adapt_now = state.count % opts.damping_every == opts.damping_every - 1
+  return jax.lax.cond(adapt_now, measure, lambda: (nan, lam))
+
+
 def kfac(
   learning_rate: optax.ScalarOrSchedule | None = None,
   *,
@@ -261,40 +373,27 @@ def kfac(
       "optax.inject_hyperparams); pass static_args=('model_fn', 'loss_fn', 'num_samples')."
     )
   num_samples = 1 if num_samples is None else int(num_samples)
+  opts = _Options(
+    model_fn, loss_fn, learning_rate, momentum, curvature, num_samples, weight_sharing,
+    adapt_damping, damping_every, damping_decay, factor_decay, factor_every, inverse_every,
+  )  # fmt: skip
   names = list(dict.fromkeys(arg_names(model_fn)[1:] + arg_names(loss_fn)[1:]))
   lo, hi = damping_bounds
 
-  def batch_model(params, batch):
-    return model_fn(params, **route(model_fn, batch))
-
-  def batch_loss(outputs, batch):
-    return loss_fn(outputs, **route(loss_fn, batch))
-
-  def estimate(params, data, key):
-    return kron.kronecker_factors(
-      batch_model,
-      batch_loss,
-      params,
-      data,
-      curvature=curvature,
-      weight_sharing=weight_sharing,
-      key=key,
-      num_samples=num_samples,
-    )
-
   def init_fn(params):
     dtype = jnp.result_type(*jax.tree.leaves(params))
-    factors = inverse = None
+    factors = None
     if data_like is not None:
-      shapes = jax.eval_shape(lambda p, d: estimate(p, d, jax.random.key(0)), params, data_like)
+      shapes = jax.eval_shape(
+        lambda p, d: _estimate(opts, p, d, jax.random.key(0)), params, data_like
+      )
       factors = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      inverse = factors
     nan = jnp.asarray(jnp.nan, dtype)
     return KFACState(
       count=jnp.zeros((), jnp.int32),
       key=jax.random.key(seed),
       factors=factors,
-      inverse=inverse,
+      inverse=factors,
       velocity=optax.tree.zeros_like(params),
       damping=jnp.asarray(damping, dtype),
       info=KFACInfo(nan, nan, nan, nan, nan),
@@ -310,72 +409,7 @@ def kfac(
         f"kfac.update got data keyword argument(s) {unknown} that neither model_fn nor "
         f"loss_fn declares; they accept {names}."
       )
-    count, lam = state.count, state.damping
-    key, sample_key = jax.random.split(state.key)
-    factors, inverse = _refresh(state, params, data, sample_key, lam)
-    direction = kron.kronecker_matvec(inverse, updates)
-    model = lambda p: batch_model(p, data)  # noqa: E731
-    loss = lambda out: batch_loss(out, data)  # noqa: E731
-    nan = jnp.asarray(jnp.nan, lam.dtype)
-    if learning_rate is None:
-      q, b, h = _quadratic_terms(model, loss, params, lam, [direction, state.velocity], updates)
-      alpha, mu, change = quadratic_step(q, b, count == 0)
-    else:
-      eta = learning_rate(count) if callable(learning_rate) else learning_rate
-      alpha, mu = -jnp.asarray(eta, lam.dtype), jnp.asarray(momentum, lam.dtype)
-      h, change = nan, nan
-    h = jnp.asarray(h if value is None else value, lam.dtype)
-    step = optax.tree.add(optax.tree.scale(alpha, direction), optax.tree.scale(mu, state.velocity))
-    finite = optax.tree.norm(step) < jnp.inf
-    step = optax.tree.where(finite, step, optax.tree.zeros_like(step))
-    rho, next_lam = _adapt(state, params, data, step, h, change, updates, model, loss)
-    next_lam = jnp.where(finite, next_lam, lam / damping_decay**damping_every)
-    info = KFACInfo(h, rho, alpha, mu, change)
-    new_state = KFACState(
-      optax.safe_increment(count), key, factors, inverse, step, jnp.clip(next_lam, lo, hi), info
-    )
-    return step, new_state
-
-  def _refresh(state, params, data, key, lam):
-    """The factors' moving averages and, every ``inverse_every`` updates, their inverses."""
-    if state.factors is None:  # no data_like: the first update allocates the factors
-      factors = estimate(params, data, key)
-      return factors, kron.damped_inverse(factors, lam)
-
-    def averaged(old):
-      decay = jnp.minimum(1.0 - 1.0 / (state.count + 1.0), factor_decay)
-      new = estimate(params, data, key)
-      return jax.tree.map(lambda o, n: (decay * o + (1 - decay) * n).astype(o.dtype), old, new)
-
-    factors = jax.lax.cond(
-      state.count % factor_every == 0, averaged, lambda old: old, state.factors
-    )
-    inverse = jax.lax.cond(
-      state.count % inverse_every == 0,
-      lambda: kron.damped_inverse(factors, lam),
-      lambda: state.inverse,
-    )
-    return factors, inverse
-
-  def _adapt(state, params, data, step, h, change, grads, model, loss):
-    """:math:`\\rho` and the next :math:`\\lambda` (Levenberg-Marquardt, every T1 updates)."""
-    lam = state.damping
-    nan = jnp.asarray(jnp.nan, lam.dtype)
-    if not adapt_damping:
-      return nan, lam
-
-    def measure():
-      predicted, current = change, h
-      if learning_rate is not None:  # the model's value at the fixed-rate step
-        q, b, current = _quadratic_terms(model, loss, params, lam, [step], grads)
-        predicted = b[0] + 0.5 * q[0, 0]
-      new_h = batch_loss(batch_model(optax.tree.add(params, step), data), data)
-      rho = damping_lib.reduction_ratio(new_h - current, predicted).astype(lam.dtype)
-      omega = damping_decay**damping_every
-      new_lam = damping_lib.levenberg_marquardt(lam, rho, increase=1 / omega, decrease=omega)
-      return rho, new_lam.astype(lam.dtype)
-
-    adapt_now = state.count % damping_every == damping_every - 1
-    return jax.lax.cond(adapt_now, measure, lambda: (nan, lam))
+    step, state = _update(opts, updates, state, params, value, data)
+    return step, state._replace(damping=jnp.clip(state.damping, lo, hi))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
