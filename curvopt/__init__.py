@@ -49,6 +49,12 @@ from curvopt.curvature.estimators import (
   spectral_density,
   top_eigenvalues,
 )
+from curvopt.curvature.kronecker import (
+  KroneckerFactors,
+  kronecker_factors,
+  kronecker_inverse_fn,
+  kronecker_matvec,
+)
 from curvopt.curvature.products import empirical_fisher_fn, ggn_fn, ggn_vp, hvp, hvp_fn
 from curvopt.linalg.cg import CG_STATUSES, CGResult, conjugate_gradient
 from curvopt.linalg.dense import dense_matrix, dense_solve
@@ -104,6 +110,7 @@ __all__ = [
   "EigenResult",
   "KFACInfo",
   "KFACState",
+  "KroneckerFactors",
   "FixedPointSolution",
   "LanczosResult",
   "MamlAux",
@@ -151,6 +158,9 @@ __all__ = [
   "jacobian_gram",
   "jmp",
   "kfac",
+  "kronecker_factors",
+  "kronecker_inverse_fn",
+  "kronecker_matvec",
   "lambda_returns",
   "lanczos",
   "laplacian",
