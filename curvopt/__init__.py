@@ -49,6 +49,12 @@ from curvopt.curvature.estimators import (
   spectral_density,
   top_eigenvalues,
 )
+from curvopt.curvature.kronecker import (
+  KroneckerFactors,
+  kronecker_factors,
+  kronecker_inverse_fn,
+  kronecker_matvec,
+)
 from curvopt.curvature.products import empirical_fisher_fn, ggn_fn, ggn_vp, hvp, hvp_fn
 from curvopt.linalg.cg import CG_STATUSES, CGResult, conjugate_gradient
 from curvopt.linalg.dense import dense_matrix, dense_solve
@@ -71,6 +77,7 @@ from curvopt.optimizers.curvatures import (
   MartensDiagonal,
 )
 from curvopt.optimizers.damping import LevenbergMarquardt
+from curvopt.optimizers.kfac import KFACInfo, KFACState, kfac
 from curvopt.optimizers.newton_cg import (
   NewtonCGInfo,
   NewtonCGState,
@@ -123,6 +130,9 @@ __all__ = [
   "MartensDiagonal",
   "DPSGDState",
   "EigenResult",
+  "KFACInfo",
+  "KFACState",
+  "KroneckerFactors",
   "FixedPointSolution",
   "LanczosResult",
   "MamlAux",
@@ -171,6 +181,10 @@ __all__ = [
   "jacobian_diagonal",
   "jacobian_gram",
   "jmp",
+  "kfac",
+  "kronecker_factors",
+  "kronecker_inverse_fn",
+  "kronecker_matvec",
   "lambda_returns",
   "lanczos",
   "laplacian",

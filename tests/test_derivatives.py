@@ -155,6 +155,8 @@ def test_is_elementwise_reads_the_jaxpr():
   assert is_elementwise(lambda x: jax.nn.softplus(x) + jnp.where(x > 0, x, 0.1 * x), x)
   assert is_elementwise(jax.jit(jnp.tanh), x)
   assert is_elementwise(lambda x: x + jnp.array([1.0, 2.0]), x)  # broadcast constant
+  # A gradient's jaxpr also computes the (unused) loss value, a sum: dead code is skipped.
+  assert is_elementwise(jax.grad(lambda x: jax.nn.log_sigmoid(x).sum() + (x**2).mean()), x)
   assert not is_elementwise(lambda x: x * x.sum(), x)
   assert not is_elementwise(lambda x: x[::-1], x)
   assert not is_elementwise(lambda x: x @ jnp.eye(2), x)

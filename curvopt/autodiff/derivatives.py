@@ -23,6 +23,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from curvopt import _checks, _nnx
+from curvopt.autodiff import capture
 
 JacobianMode = Literal["auto", "fwd", "rev"]
 HessianMode = Literal["fwd_rev", "rev_rev", "fwd_fwd", "rev_fwd"]
@@ -225,40 +226,37 @@ def batch_hessian(f: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Arra
 # Primitives whose every output element depends only on the same-index elements of its
 # (same-shaped) operands. A function built only of these is elementwise separable.
 _ELEMENTWISE_PRIMITIVES = frozenset(
-  """abs acos acosh add asin asinh atan atan2 atanh cbrt ceil clamp convert_element_type copy
-  copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag integer_pow
+  """abs acos acosh add add_any asin asinh atan atan2 atanh cbrt ceil clamp convert_element_type
+  copy copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag integer_pow
   is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not pow real
   reduce_precision rem round rsqrt select_n sign sin sinh sqrt square stop_gradient sub tan tanh
   and or xor""".split()
 )
 
 
-def _sub_jaxprs(eqn: Any) -> list[Any]:
-  """The jaxprs a call-like equation (pjit, custom_jvp_call, ...) runs on its operands."""
-  subs = []
-  for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-    sub = eqn.params.get(name)
-    if sub is not None:
-      subs.append(sub.jaxpr if hasattr(sub, "jaxpr") else sub)
-  return subs
-
-
 def _is_elementwise(jaxpr: Any, dependent: Sequence[bool], shape: tuple[int, ...]) -> bool:
-  """Whether the outputs of ``jaxpr`` depend elementwise on its ``dependent`` inputs."""
+  """Whether the outputs of ``jaxpr`` depend elementwise on its ``dependent`` inputs.
+
+  Equations whose results reach no output (the loss value inside a gradient) are skipped.
+  """
   depends = {}
   for var, dep in zip(jaxpr.invars, dependent, strict=True):
     depends[var] = dep
-  for eqn in jaxpr.eqns:
+  live, _ = capture.live_equations(jaxpr)
+  for k, eqn in enumerate(jaxpr.eqns):
+    if (k,) not in live:
+      continue
     in_deps = [not isinstance(v, jex_core.Literal) and depends.get(v, False) for v in eqn.invars]
     if any(in_deps):
       for v, dep in zip(eqn.invars, in_deps, strict=True):
         if dep and v.aval.shape != shape:
           return False
       if eqn.primitive.name not in _ELEMENTWISE_PRIMITIVES:
-        subs = _sub_jaxprs(eqn)
-        if len(subs) != 1 or len(subs[0].invars) != len(eqn.invars):
+        # A call (or a scan: its body iterated) is elementwise when its body is.
+        sub = capture.body(eqn, (*capture.INLINABLE, "loop"))
+        if sub is None or len(sub[0].invars) != len(eqn.invars):
           return False
-        if not _is_elementwise(subs[0], in_deps, shape):
+        if not _is_elementwise(sub[0], in_deps, shape):
           return False
       if any(out.aval.shape != shape for out in eqn.outvars):
         return False

@@ -40,9 +40,9 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 from jax.experimental import jet
-from jax.extend import core as jex_core
 
 from curvopt import _checks
+from curvopt.autodiff import capture
 
 LaplacianMethod = Literal["forward_laplacian", "taylor", "forward"]
 DiagonalMethod = Literal["forward", "taylor"]
@@ -139,7 +139,6 @@ _LINEAR = frozenset(
 )
 # Bilinear primitives: linear when exactly one operand depends on x.
 _BILINEAR = frozenset(("mul", "dot_general", "conv_general_dilated"))
-_INLINE = frozenset(("jit", "pjit", "closed_call", "core_call"))
 # Elementwise primitives: with one x-dependent operand a of the output's shape,
 # p''(a)[g, g] = p''(a) * g**2, so the curvature term is p''(a) * sum_i (d_i a)**2.
 _ELEMENTWISE = frozenset(
@@ -153,48 +152,44 @@ def _is_float(aval: Any) -> bool:
   return jnp.issubdtype(aval.dtype, jnp.inexact)
 
 
-def _bind(eqn: Any, values: list) -> Any:
-  """Applies ``eqn``'s primitive to ``values`` (as ``jax.core.eval_jaxpr`` does)."""
-  return eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
-
-
 def _forward_laplacian_eval(jaxpr: Any, consts: list, args: list) -> list:
   """Evaluates ``jaxpr`` on triples ``(value, gradient, laplacian)`` (Li et al. 2023).
 
   ``gradient`` holds the ``d`` first-order tangents along the basis vectors stacked on a
   leading axis, ``laplacian`` the sum over the basis of the second-order tangents; both are
   ``None`` for values that do not depend on the input point. For ``y = p(a)``:
-  :math:`\nabla y = p'(a) \nabla a` and
+  :math:`\\nabla y = p'(a) \\nabla a` and
   :math:`\\Delta y = p'(a)\\, \\Delta a + \\sum_i p''(a)[\\partial_i a, \\partial_i a]`, the second
-  term skipped for primitives linear in their dependent operands.
+  term skipped for primitives linear in their dependent operands. ``jit`` calls on dependent
+  values are evaluated in place (:data:`curvopt.autodiff.capture.CALLS`).
   """
-  env: dict = {}
 
-  def read(v):
-    if isinstance(v, jex_core.Literal):
-      return (v.val, None, None)
-    return env[v]
+  def descend(eqn, ins, key):
+    del key
+    dependent = any(g is not None for _, g, _ in ins)
+    return capture.body(eqn, ("call",)) if dependent and _has_float_output(eqn) else None
 
-  for v, c in zip(jaxpr.constvars, consts, strict=True):
-    env[v] = (c, None, None)
-  for v, a in zip(jaxpr.invars, args, strict=True):
-    env[v] = a
-  for eqn in jaxpr.eqns:
-    ins = [read(v) for v in eqn.invars]
-    dep = [i for i, (_, g, _) in enumerate(ins) if g is not None]
-    if not dep or not any(_is_float(v.aval) for v in eqn.outvars):
-      # constants, and integer/boolean results of x (comparisons): no derivative streams
-      outs = _bind(eqn, [val for val, _, _ in ins])
-      outs = outs if eqn.primitive.multiple_results else [outs]
-      triples = [(o, None, None) for o in outs]
-    elif eqn.primitive.name in _INLINE and "jaxpr" in eqn.params:
-      closed = eqn.params["jaxpr"]
-      triples = _forward_laplacian_eval(closed.jaxpr, closed.consts, ins)
-    else:
-      triples = _forward_laplacian_rule(eqn, ins, dep)
-    for v, t in zip(eqn.outvars, triples, strict=True):
-      env[v] = t if _is_float(v.aval) else (t[0], None, None)
-  return [read(v) for v in jaxpr.outvars]
+  return capture.interpret(
+    jaxpr, consts, args, _forward_laplacian_step, descend=descend, lift=lambda c: (c, None, None)
+  )
+
+
+def _has_float_output(eqn: Any) -> bool:
+  return any(_is_float(v.aval) for v in eqn.outvars)
+
+
+def _forward_laplacian_step(eqn: Any, ins: list, key: tuple[int, ...]) -> list:
+  """One equation on triples; integer and boolean results carry no derivative streams."""
+  del key
+  dep = [i for i, (_, g, _) in enumerate(ins) if g is not None]
+  if not dep or not _has_float_output(eqn):
+    # constants, and integer/boolean results of x (comparisons): no derivative streams
+    return [(o, None, None) for o in capture.bind(eqn, [val for val, _, _ in ins])]
+  triples = _forward_laplacian_rule(eqn, ins, dep)
+  return [
+    t if _is_float(v.aval) else (t[0], None, None)
+    for v, t in zip(eqn.outvars, triples, strict=True)
+  ]
 
 
 def _forward_laplacian_rule(eqn: Any, ins: list, dep: list[int]) -> list:
@@ -205,8 +200,8 @@ def _forward_laplacian_rule(eqn: Any, ins: list, dep: list[int]) -> list:
     full = list(values)
     for i, val in zip(dep, dep_values, strict=True):
       full[i] = val
-    out = _bind(eqn, full)
-    return tuple(out) if eqn.primitive.multiple_results else out
+    out = capture.bind(eqn, full)
+    return tuple(out) if eqn.primitive.multiple_results else out[0]
 
   dep_values = [values[i] for i in dep]
   grads = [ins[i][1] for i in dep]

@@ -2,5 +2,6 @@
 
 Modules: :mod:`~curvopt.curvature.products` (Hessian-, Gauss-Newton- and Fisher-vector
 products), :mod:`~curvopt.curvature.estimators` (Hutchinson trace and diagonal, Lanczos, top
-eigenvalues, spectral density).
+eigenvalues, spectral density), :mod:`~curvopt.curvature.kronecker` (K-FAC's Kronecker factors of
+the layers found in a model's jaxpr, and their damped inverses).
 """

@@ -600,3 +600,35 @@ def _build_scipy(cfg: ScipyConfig, task: Any, path: str) -> Method:
     )
 
   return Method(init=lambda params, key: (), step=None, external=external)
+
+
+def _kfac_schema() -> type:
+  from curvopt import kfac
+
+  # learning_rate: None (the quadratic model's, the default) or a number.
+  return schema_from_signature(
+    "kfac",
+    kfac,
+    exclude=("learning_rate", "model_fn", "loss_fn", "module", "data_like"),
+    extra=[("learning_rate", typing.Optional[float], None)],  # noqa: UP045 (OmegaConf)
+  )
+
+
+KFACConfig = _kfac_schema()
+
+
+@register_optimizer("kfac", KFACConfig)
+def _build_kfac(cfg: Any, task: Any, path: str) -> Method:
+  """K-FAC on the task's Gauss-Newton split; the factors are allocated from a batch's shapes."""
+  from curvopt import kfac
+
+  split = task.gauss_newton_split(cfg.variant)
+  if split is None:
+    raise ConfigError(
+      f"config key '{path}.name': task {type(task).__name__} has no model/loss split, so "
+      "kfac (whose factors are Gauss-Newton's) is not available."
+    )
+  options = options_of(cfg, kfac, exclude=("model_fn", "loss_fn", "module", "data_like"))
+  batch_like = jax.eval_shape(task.batch, jax.random.key(0), jnp.int32(0))
+  tx = kfac(**options, model_fn=split[0], loss_fn=split[1], data_like=batch_like)
+  return optax_method(task, tx, task.objective(cfg.variant))

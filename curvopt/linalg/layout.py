@@ -21,9 +21,8 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.extend import core as jex_core
 
-_CALL_PRIMITIVES = ("pjit", "jit", "closed_call", "core_call")
+from curvopt.autodiff import capture
 
 
 def _canonical_conv(lhs: jax.Array, rhs: jax.Array, **params: Any) -> jax.Array:
@@ -53,37 +52,17 @@ def _canonical_conv(lhs: jax.Array, rhs: jax.Array, **params: Any) -> jax.Array:
   return jnp.transpose(out, inverse)
 
 
-def _eval_jaxpr(jaxpr: Any, consts: Any, *args: Any) -> list[Any]:
-  env: dict[Any, Any] = {}
+def _canonical_rule(eqn: Any, invals: list, key: tuple[int, ...]) -> list[Any]:
+  """One equation of :func:`canonical_convolutions`: convolutions re-emitted, the rest bound."""
+  del key
+  if eqn.primitive is lax.conv_general_dilated_p:
+    return [_canonical_conv(*invals, **eqn.params)]
+  return capture.bind(eqn, invals)
 
-  def read(var: Any) -> Any:
-    return var.val if isinstance(var, jex_core.Literal) else env[var]
 
-  for var, value in zip(jaxpr.constvars, consts, strict=True):
-    env[var] = value
-  for var, value in zip(jaxpr.invars, args, strict=True):
-    env[var] = value
-  for eqn in jaxpr.eqns:
-    invals = [read(var) for var in eqn.invars]
-    if eqn.primitive is lax.conv_general_dilated_p:
-      outvals = [_canonical_conv(*invals, **eqn.params)]
-    elif eqn.primitive.name in _CALL_PRIMITIVES and "jaxpr" in eqn.params:
-      inner = eqn.params["jaxpr"]
-      if isinstance(inner, jex_core.ClosedJaxpr):
-        outvals = _eval_jaxpr(inner.jaxpr, inner.consts, *invals)
-      else:
-        outvals = _eval_jaxpr(inner, (), *invals)
-    else:
-      bind_params = eqn.primitive.get_bind_params(eqn.params)
-      subfuns = ()
-      if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
-        subfuns, bind_params = bind_params
-      outvals = eqn.primitive.bind(*subfuns, *invals, **bind_params)
-      if not eqn.primitive.multiple_results:
-        outvals = [outvals]
-    for var, value in zip(eqn.outvars, outvals, strict=True):
-      env[var] = value
-  return [read(var) for var in jaxpr.outvars]
+def _inline_calls(eqn: Any, invals: list, key: tuple[int, ...]):
+  del invals, key
+  return capture.body(eqn, ("call",))
 
 
 def canonical_convolutions(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -120,10 +99,13 @@ def canonical_convolutions(fn: Callable[..., Any]) -> Callable[..., Any]:
 
   def wrapped(*args: Any) -> Any:
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    if not any(eqn.primitive is lax.conv_general_dilated_p for eqn in _all_eqns(closed.jaxpr)):
+    eqns = capture.equations(closed.jaxpr, ("call",))
+    if not any(eqn.primitive is lax.conv_general_dilated_p for eqn in eqns):
       return fn(*args)
     flat_args = jax.tree.leaves(args)
-    flat_out = _eval_jaxpr(closed.jaxpr, closed.consts, *flat_args)
+    flat_out = capture.interpret(
+      closed.jaxpr, closed.consts, flat_args, _canonical_rule, descend=_inline_calls
+    )
     return jax.tree.unflatten(jax.tree.structure(out_shape), flat_out)
 
   return wrapped
@@ -146,11 +128,3 @@ def with_conv_layout(
   if conv_layout == "canonical" or (conv_layout == "auto" and jax.default_backend() == "cpu"):
     return canonical_convolutions(fn)
   return fn
-
-
-def _all_eqns(jaxpr: Any):
-  for eqn in jaxpr.eqns:
-    yield eqn
-    if eqn.primitive.name in _CALL_PRIMITIVES and "jaxpr" in eqn.params:
-      inner = eqn.params["jaxpr"]
-      yield from _all_eqns(getattr(inner, "jaxpr", inner))
