@@ -27,6 +27,7 @@ import time
 ROWS = (
   "adam",
   "newton_cg",
+  "newton_cg_kfac",
   "newton_cg_nystrom",
   "top_eigenvalues",
   "spectral_density",
@@ -49,12 +50,13 @@ def _build(row: str):
   value_fn = curvopt.value_fn_from_model(model_fn, loss_fn)
   ggn = lambda p, x: curvopt.ggn_fn(lambda q: model_fn(q, x), lambda o: loss_fn(o, x), p)
 
-  if row in ("adam", "newton_cg", "newton_cg_nystrom"):
+  if row in ("adam", "newton_cg", "newton_cg_kfac", "newton_cg_nystrom"):
     if row == "adam":
       tx = optax.adam(1e-3)
     else:
       solver = "nystrom" if row.endswith("nystrom") else "auto"
-      tx = curvopt.newton_cg(model_fn=model_fn, loss_fn=loss_fn, solver=solver)
+      pre = "kfac" if row.endswith("kfac") else None
+      tx = curvopt.newton_cg(model_fn=model_fn, loss_fn=loss_fn, solver=solver, preconditioner=pre)
 
     def step(params, state, x):
       value, grads = jax.value_and_grad(value_fn)(params, x=x)

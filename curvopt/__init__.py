@@ -67,15 +67,7 @@ from curvopt.linalg.nystrom import (
 )
 from curvopt.linalg.solvers import CG, Auto, Dense, NystromPreconditioner, SolverKind
 from curvopt.linalg.status import SolverStatus
-from curvopt.optimizers.curvatures import (
-  GGN,
-  CurvatureFn,
-  DiagonalFn,
-  DiagonalPreconditioner,
-  Fisher,
-  Hessian,
-  MartensDiagonal,
-)
+from curvopt.optimizers.curvatures import GGN, CurvatureFn, DiagonalFn, Fisher, Hessian
 from curvopt.optimizers.damping import LevenbergMarquardt
 from curvopt.optimizers.kfac import KFACInfo, KFACState, kfac
 from curvopt.optimizers.newton_cg import (
@@ -84,6 +76,11 @@ from curvopt.optimizers.newton_cg import (
   newton_cg,
   newton_cg_parts,
   scale_by_newton_cg,
+)
+from curvopt.optimizers.preconditioners import (
+  DiagonalPreconditioner,
+  KFACPreconditioner,
+  MartensDiagonal,
 )
 from curvopt.optimizers.problem import value_fn_from_model
 from curvopt.privacy import ghost
@@ -131,6 +128,7 @@ __all__ = [
   "DPSGDState",
   "EigenResult",
   "KFACInfo",
+  "KFACPreconditioner",
   "KFACState",
   "KroneckerFactors",
   "FixedPointSolution",

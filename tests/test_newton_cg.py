@@ -9,6 +9,7 @@ import scipy.optimize
 from helpers import dense_ggn, regression_problem
 from jax.flatten_util import ravel_pytree
 
+import curvopt
 from curvopt import (
   CG,
   GGN,
@@ -657,3 +658,28 @@ def test_preconditioner_batch_size_takes_the_first_rows_of_the_curvature_chunk()
   )
   with pytest.raises(ValueError, match="MartensDiagonal.batch_size=32 exceeds the 16 examples"):
     tx.update(g, tx.init(params), params, x=x, y=y)
+
+
+@pytest.mark.parametrize("preconditioner", ["kfac", curvopt.KFACPreconditioner(curvature="ggn")])
+def test_kfac_preconditioner_gives_the_same_direction_in_fewer_cg_steps(preconditioner):
+  params, x, y, model_fn, loss_fn = regression_problem(9, n=48, sizes=(3, 8, 2))
+  value_fn = value_fn_from_model(model_fn, loss_fn)
+  g = jax.grad(value_fn)(params, x=x, y=y)
+  lam = 1e-3
+  steps, directions = {}, {}
+  for name, pre in [("none", None), ("kfac", preconditioner)]:
+    tx = scale_by_newton_cg(
+      model_fn=model_fn,
+      loss_fn=loss_fn,
+      damping=LevenbergMarquardt(init=lam, adapt=False, accept_ratio=None),
+      solver=CG(tol=1e-10, progress_tol=None, max_steps=500, preconditioner=pre),
+    )
+    d, state = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, x=x, y=y))(
+      g, tx.init(params), params
+    )
+    steps[name], directions[name] = int(state.cg_steps), ravel_pytree(d)[0]
+  c = dense_ggn(params, x, y, model_fn, loss_fn)
+  expected = np.linalg.solve(c + lam * np.eye(c.shape[0]), ravel_pytree(g)[0])
+  for d in directions.values():
+    np.testing.assert_allclose(d, expected, rtol=1e-6, atol=1e-9)
+  assert steps["kfac"] < steps["none"], steps

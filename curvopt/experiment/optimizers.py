@@ -370,6 +370,7 @@ def _part_registries() -> dict[str, dict[str, Any]]:
     "preconditioner": {
       "martens": curvopt.MartensDiagonal,
       "nystrom": curvopt.NystromPreconditioner,
+      "kfac": curvopt.KFACPreconditioner,
     },
   }
 

@@ -13,9 +13,8 @@ Gauss-Newton matrix of a per-example loss, the empirical Fisher), a
 * :class:`Fisher`: the empirical Fisher of per-example losses;
 * :class:`CustomCurvature`: any function following the :class:`CurvatureFn` protocol.
 
-The preconditioners that need the optimiser's objective (Martens' diagonal, a user's
-diagonal) live here too, as :class:`~curvopt.linalg.solvers.Preconditioner` values of
-:class:`~curvopt.linalg.solvers.CG`.
+The preconditioners of Newton-CG's CG that need the optimiser's objective live in
+:mod:`curvopt.optimizers.preconditioners`.
 """
 
 import dataclasses
@@ -28,7 +27,6 @@ import jax.numpy as jnp
 from curvopt._typing import Matvec, Params
 from curvopt.curvature import cost, gram, products
 from curvopt.linalg.solvers import GramFactor
-from curvopt.optimizers import damping as damping_lib
 from curvopt.optimizers.problem import Problem, check_same_length, route
 
 __all__ = [
@@ -37,10 +35,8 @@ __all__ = [
   "CurvatureOperator",
   "CustomCurvature",
   "DiagonalFn",
-  "DiagonalPreconditioner",
   "Fisher",
   "Hessian",
-  "MartensDiagonal",
 ]
 
 
@@ -92,7 +88,7 @@ class CurvatureOperator(NamedTuple):
   objective: Callable[[Params], jax.Array] | None
 
 
-def _positive_int_or_none(name: str, value: Any) -> None:
+def positive_int_or_none(name: str, value: Any) -> None:
   if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
     raise ValueError(f"{name} must be a positive int or None; got {value!r}.")
 
@@ -260,7 +256,7 @@ class GGN:
   batch_size: int | None = None
 
   def __post_init__(self):
-    _positive_int_or_none("GGN.batch_size", self.batch_size)
+    positive_int_or_none("GGN.batch_size", self.batch_size)
 
   def operator(self, params, problem: Problem, value_fn, data, count) -> CurvatureOperator:
     if problem.model_fn is None:
@@ -301,7 +297,7 @@ class Fisher:
   batch_size: int | None = None
 
   def __post_init__(self):
-    _positive_int_or_none("Fisher.batch_size", self.batch_size)
+    positive_int_or_none("Fisher.batch_size", self.batch_size)
 
   def operator(self, params, problem: Problem, value_fn, data, count) -> CurvatureOperator:
     data = batch_chunk(problem.name, data, self.batch_size, count, "Fisher.batch_size")
@@ -359,95 +355,3 @@ def as_curvature(curvature: Any) -> Any:
   if callable(curvature):
     return CustomCurvature(curvature)
   raise TypeError(f"curvature must be a name, a curvature value or a callable; got {curvature!r}.")
-
-
-# ---------------------------------------------------------------------- preconditioners
-
-
-class PreconditionerContext(NamedTuple):
-  """What Newton-CG hands to its preconditioners (:attr:`System.context`).
-
-  Attributes:
-    params: the parameters (a pytree).
-    problem: the :class:`~curvopt.optimizers.problem.Problem` (model/loss split).
-    value_fn: the objective ``(params, **data) -> loss`` or ``None``.
-    curvature: the update's :class:`CurvatureOperator` (its data and objective).
-    pack: pytree -> the solver's tuple of vectors.
-  """
-
-  params: Params
-  problem: Problem
-  value_fn: Callable | None
-  curvature: CurvatureOperator
-  pack: Callable[[Any], Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class DiagonalPreconditioner:
-  r""":math:`M = (\mathrm{diagonal} + \lambda)^\alpha` from a :class:`DiagonalFn`.
-
-  Attributes:
-    fn: ``(params, objective, data) -> diagonal`` (non-negative, shaped like ``params``).
-    exponent: :math:`\alpha`.
-  """
-
-  fn: Callable[..., Params]
-  exponent: float = 0.75
-
-  def init(self, like):
-    del like
-    return ()
-
-  def diagonal(self, context: PreconditionerContext) -> Params:
-    c = context.curvature
-    return self.fn(context.params, c.objective, c.data)
-
-  def prepare(self, system, state, count):
-    del count
-    return state, system.context.pack(self.diagonal(system.context))
-
-  def apply(self, work, damping):
-    return damping_lib.diagonal_preconditioner(work, damping, self.exponent)
-
-
-@dataclasses.dataclass(frozen=True)
-class MartensDiagonal:
-  r"""Martens' (2010 §4.7) :math:`M = (\mathrm{diag}(\frac1B\sum_i g_i^2) + \lambda)^\alpha`.
-
-  Needs per-example gradients, so every data argument needs a leading example axis.
-
-  Attributes:
-    exponent: :math:`\alpha` (Martens uses 0.75).
-    batch_size: if set, the diagonal uses only the first this many examples of the
-      curvature's batch (128 of a 600-example chunk cost a fifth and precondition about as
-      well).
-  """
-
-  exponent: float = 0.75
-  batch_size: int | None = None
-
-  def __post_init__(self):
-    _positive_int_or_none("MartensDiagonal.batch_size", self.batch_size)
-
-  def init(self, like):
-    del like
-    return ()
-
-  def prepare(self, system, state, count):
-    del count
-    context = system.context
-    data = batch_chunk(
-      context.problem.name,
-      context.curvature.data,
-      self.batch_size,
-      0,
-      "MartensDiagonal.batch_size",
-    )
-    loss, examples = per_example(
-      context.problem.name, context.value_fn, data, "preconditioner='martens'"
-    )
-    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))(context.params, examples)
-    return state, context.pack(damping_lib.martens_diagonal(grads))
-
-  def apply(self, work, damping):
-    return damping_lib.diagonal_preconditioner(work, damping, self.exponent)

@@ -31,7 +31,6 @@ References:
   curvature", ICML 2015. Botev & Martens, "KFAC-JAX", 2022.
 """
 
-import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -39,11 +38,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvopt import _checks, _nnx
+from curvopt import _checks
 from curvopt._typing import Params
 from curvopt.curvature import kronecker as kron
 from curvopt.optimizers import damping as damping_lib
-from curvopt.optimizers.problem import arg_names, route
+from curvopt.optimizers.problem import Problem, check_number, raised_by_curvopt, route
 
 
 class KFACInfo(NamedTuple):
@@ -148,14 +147,6 @@ def _quadratic_terms(model, loss, params, damping, vectors, grads):
   )
   b = jnp.stack([optax.tree.vdot(grads, v) for v in vectors])
   return 0.5 * (q + q.T), b, loss(outputs)
-
-
-def _bind_module(model_fn: Callable[..., Any], module: Any) -> Callable[..., Any]:
-  """``(params, **data) -> model_fn(module rebuilt from params, **data)``, same data names."""
-  _, merge = _nnx.split(module)
-  pure = lambda params, **data: model_fn(merge(params), **data)  # noqa: E731
-  pure.__signature__ = inspect.signature(model_fn)
-  return pure
 
 
 def _positive(name: str, value: Any) -> None:
@@ -358,10 +349,12 @@ def kfac(
     raise ValueError(
       "kfac needs model_fn=(params, **data) -> outputs and loss_fn=(outputs, **data)."
     )
-  if module is not None:
-    if not _nnx.is_module(module):
-      raise TypeError(f"module= takes a flax nnx.Module; got a {type(module).__name__}.")
-    model_fn = _bind_module(model_fn, module)
+  problem = Problem.build("kfac", model_fn, loss_fn, module)
+  model_fn = problem.model_fn
+  if learning_rate is not None:
+    check_number(
+      "kfac: learning_rate", learning_rate, lambda v: v > 0, "> 0, or None for the automatic one"
+    )
   if learning_rate is None and not isinstance(momentum, jax.core.Tracer) and momentum != 0:
     raise ValueError(
       "kfac(learning_rate=None) chooses the momentum from the quadratic model; drop "
@@ -379,10 +372,10 @@ def kfac(
     model_fn, loss_fn, learning_rate, momentum, curvature, num_samples, weight_sharing,
     adapt_damping, damping_every, damping_decay, factor_decay, factor_every, inverse_every,
   )  # fmt: skip
-  names = list(dict.fromkeys(arg_names(model_fn)[1:] + arg_names(loss_fn)[1:]))
   lo, hi = damping_bounds
 
   def init_fn(params):
+    problem.check_params(params)
     dtype = jnp.result_type(*jax.tree.leaves(params))
     factors = None
     if data_like is not None:
@@ -401,17 +394,19 @@ def kfac(
       info=KFACInfo(nan, nan, nan, nan, nan),
     )
 
-  def update_fn(updates, state, params=None, *, value=None, grad=None, value_fn=None, **data):
+  def update_fn(
+    updates, state, params=None, *positional, value=None, grad=None, value_fn=None, **data
+  ):
     del grad, value_fn  # the step is computed from the incoming updates and model/loss
     if params is None:
       raise ValueError("kfac needs params: call update(grads, state, params, **data).")
-    unknown = [k for k in data if k not in names]
-    if unknown:
-      raise ValueError(
-        f"kfac.update got data keyword argument(s) {unknown} that neither model_fn nor "
-        f"loss_fn declares; they accept {names}."
-      )
-    step, state = _update(opts, updates, state, params, value, data)
+    problem.check_update(positional, data, None)
+    try:
+      step, state = _update(opts, updates, state, params, value, data)
+    except (TypeError, ValueError) as error:
+      if not raised_by_curvopt(error):
+        problem.diagnose(error, params, data)
+      raise
     return step, state._replace(damping=jnp.clip(state.damping, lo, hi))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

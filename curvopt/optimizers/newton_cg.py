@@ -26,7 +26,6 @@ parameter names their signatures declare (:mod:`curvopt.optimizers.problem`).
 """
 
 import functools
-import os
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -39,13 +38,19 @@ from curvopt._typing import Params
 from curvopt.linalg.flat import flat_layout
 from curvopt.linalg.solvers import CG, Auto, Dense, NystromPreconditioner, System
 from curvopt.optimizers import curvatures as curvatures_lib
+from curvopt.optimizers import preconditioners
 from curvopt.optimizers.curvatures import CurvatureFn, DiagonalFn, bind
 from curvopt.optimizers.damping import LevenbergMarquardt, reduction_ratio
-from curvopt.optimizers.problem import Problem, value_fn_from_model
+from curvopt.optimizers.problem import (
+  Problem,
+  check_number,
+  raised_by_curvopt,
+  value_fn_from_model,
+)
 
 CurvatureName = Literal["hessian", "ggn", "fisher"]
 SolverName = Literal["auto", "cg", "nystrom", "dense", "dense_samples"]
-PreconditionerName = Literal["martens", "nystrom"]
+PreconditionerName = Literal["martens", "nystrom", "kfac"]
 
 __all__ = [
   "CurvatureFn",
@@ -169,15 +174,17 @@ def _as_preconditioner(preconditioner: Any) -> Any:
   if preconditioner is None or hasattr(preconditioner, "apply"):
     return preconditioner
   if preconditioner == "martens":
-    return curvatures_lib.MartensDiagonal()
+    return preconditioners.MartensDiagonal()
   if preconditioner == "nystrom":
     return NystromPreconditioner()
+  if preconditioner == "kfac":
+    return preconditioners.KFACPreconditioner()
   if callable(preconditioner):
-    return curvatures_lib.DiagonalPreconditioner(preconditioner)
+    return preconditioners.DiagonalPreconditioner(preconditioner)
   raise ValueError(
-    f"Unknown preconditioner {preconditioner!r}; expected 'martens', 'nystrom', a "
-    "preconditioner value (curvopt.MartensDiagonal(...), curvopt.NystromPreconditioner(...)) "
-    "or a DiagonalFn."
+    f"Unknown preconditioner {preconditioner!r}; expected 'martens', 'nystrom', 'kfac', a "
+    "preconditioner value (curvopt.MartensDiagonal(...), curvopt.NystromPreconditioner(...), "
+    "curvopt.KFACPreconditioner(...)) or a DiagonalFn."
   )
 
 
@@ -211,18 +218,6 @@ def _as_solver(solver: Any, cg_options: dict, preconditioner: Any) -> Any:
     return Auto()
   # solver='cg', or 'auto' with CG options: they say CG is wanted.
   return CG(**cg_options, preconditioner=preconditioner)
-
-
-def _check_number(name: str, value: Any, ok: Callable[[float], bool], requirement: str) -> None:
-  """A named error for a concrete bad number; traced values (inject_hyperparams) pass."""
-  if isinstance(value, jax.core.Tracer) or callable(value):
-    return
-  try:
-    number = float(value)
-  except (TypeError, ValueError):
-    raise TypeError(f"{name} must be a number; got {value!r}.") from None
-  if not ok(number):
-    raise ValueError(f"{name} must be {requirement}; got {value!r}.")
 
 
 def newton_cg_parts(
@@ -259,7 +254,7 @@ def newton_cg_parts(
       )
     policy = damping
   else:
-    _check_number("damping", damping, lambda v: v >= 0, ">= 0 (or a LevenbergMarquardt value)")
+    check_number("damping", damping, lambda v: v >= 0, ">= 0 (or a LevenbergMarquardt value)")
     adapt = True if adapt_damping is None else adapt_damping
     policy = LevenbergMarquardt(init=damping, adapt=adapt)
   options = {"max_steps": cg_max_steps, "tol": cg_tol, "warm_start": warm_start}
@@ -380,7 +375,9 @@ def _system(config: _Config, params, updates, value_fn, data, count):
   """The update's :class:`~curvopt.linalg.solvers.System` on packed vectors, and the layout."""
   op = config.curvature.operator(params, config.problem, value_fn, data, count)
   pack, unpack = flat_layout(updates)
-  context = curvatures_lib.PreconditionerContext(params, config.problem, value_fn, op, pack)
+  context = preconditioners.PreconditionerContext(
+    params, config.problem, value_fn, op, pack, unpack
+  )
   system = System(
     matvec=lambda v: pack(op.matvec(unpack(v))),
     like=pack(params),
@@ -451,17 +448,6 @@ def _check_dtypes(params: Params, updates: Params) -> None:
         f"{jnp.result_type(p)}; compute the gradient at params of the same dtype, or cast it "
         "with optax.tree.cast_like(grads, params)."
       )
-
-
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _raised_by_curvopt(error: BaseException) -> bool:
-  """Whether the innermost frame of ``error``'s traceback is in curvopt's own source."""
-  tb = error.__traceback__
-  while tb is not None and tb.tb_next is not None:
-    tb = tb.tb_next
-  return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE)
 
 
 def _init_state(config: _Config, params: Params) -> NewtonCGState:
@@ -550,7 +536,8 @@ def scale_by_newton_cg(
       ``"forcing"``).
     warm_start: shortcut for ``CG(warm_start=...)`` (default 0.95).
     preconditioner: shortcut for ``CG(preconditioner=...)``: ``"martens"``
-      (:class:`~curvopt.optimizers.curvatures.MartensDiagonal`), ``"nystrom"``
+      (:class:`~curvopt.optimizers.preconditioners.MartensDiagonal`), ``"kfac"``
+      (:class:`~curvopt.optimizers.preconditioners.KFACPreconditioner`), ``"nystrom"``
       (:class:`~curvopt.linalg.solvers.NystromPreconditioner`), a preconditioner value or a
       :class:`~curvopt.optimizers.curvatures.DiagonalFn`.
 
@@ -621,7 +608,7 @@ def scale_by_newton_cg(
     try:
       return _update(config, updates, state, params, value, value_fn, data)
     except (TypeError, ValueError) as error:
-      if not _raised_by_curvopt(error):
+      if not raised_by_curvopt(error):
         problem.diagnose(error, params, data)
       raise
 
@@ -696,7 +683,7 @@ def newton_cg(
   References:
     Martens, "Deep learning via Hessian-free optimization", ICML 2010.
   """
-  _check_number(
+  check_number(
     "newton_cg: learning_rate",
     learning_rate,
     lambda v: v > 0,

@@ -12,6 +12,7 @@ get an error that names the problem and the fix, not a traceback from inside JAX
 """
 
 import inspect
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -228,3 +229,26 @@ def check_same_length(name: str, data: dict, what: str) -> int:
       "through model_fn/loss_fn closures)."
     )
   return flat.pop()
+
+
+def check_number(name: str, value: Any, ok: Callable[[float], bool], requirement: str) -> None:
+  """A named error for a concrete bad number; traced values (inject_hyperparams) pass."""
+  if isinstance(value, jax.core.Tracer) or callable(value):
+    return
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    raise TypeError(f"{name} must be a number; got {value!r}.") from None
+  if not ok(number):
+    raise ValueError(f"{name} must be {requirement}; got {value!r}.")
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def raised_by_curvopt(error: BaseException) -> bool:
+  """Whether the innermost frame of ``error``'s traceback is in curvopt's own source."""
+  tb = error.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE)
