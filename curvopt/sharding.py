@@ -50,7 +50,7 @@ def data_mesh(
   r"""A one-dimensional device mesh for data parallelism.
 
   The axis type is ``Auto`` (the partitioner propagates shardings), so functions written for
-  one device, such as :func:`curvopt.newton_cg.newton_cg` or
+  one device, such as :func:`curvopt.newton_cg` or
   :func:`curvopt.clipped_grad`, run unchanged on it.
 
   Args:

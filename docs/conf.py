@@ -68,27 +68,11 @@ nitpick_ignore_regex = [
   # Literal option values in signatures ('fwd_rev', 'ggn', ...).
   (r"py:.*", r"'.*'|\".*\"|-?[0-9.e+-]+"),
 ]
-# Known docstring problems, each to be fixed in its docstring (then delete its line here):
+# Private names in public signatures: not documented objects.
 nitpick_ignore = [
-  # napoleon reads "text: more" on the first line of a property or ``#:`` comment as
-  # "type: description"; reword without the colon.
-  ("py:class", "Whether the estimate is finite"),  # curvopt/curvature/estimators.py:66
-  ("py:class", "Whether every coefficient is finite"),  # curvopt/curvature/estimators.py:94
-  ("py:class", "Whether the eigenvalues and residuals are finite"),  # estimators.py:120
-  ("py:class", "Whether the density is finite"),  # curvopt/curvature/estimators.py:141
-  ("py:class", "Lower-case status names indexed by code"),  # curvopt/linalg/status.py:86
-  # Paths that do not exist: curvopt.curvature.products.hvp_fn / ggn_fn.
-  ("py:func", "curvopt.products.hvp_fn"),  # curvopt/optimizers/curvatures.py:221
-  ("py:func", "curvopt.products.ggn_fn"),  # curvopt/optimizers/curvatures.py:250
-  ("py:func", "curvopt.newton_cg.newton_cg"),  # curvopt/sharding.py:53 (curvopt.newton_cg)
-  ("py:func", "check_choices"),  # curvopt/experiment/optimizers.py:118 (config.check_choice)
-  # Private names referenced from public docstrings or signatures.
-  ("py:func", "_replace_rows"),  # curvopt/privacy/clipping.py, guarded_pass
-  ("py:mod", "curvopt._ghost_jaxpr"),  # curvopt/privacy/ghost.py:19 (curvopt.privacy._ghost_jaxpr)
   ("py:class", "curvopt.experiment.runner._Setup"),  # curvopt/experiment/runner.py signatures
-  # Not a name of curvopt.experiment.runner: curvopt.experiment.pacing.CHUNK_SECONDS.
-  ("py:data", "CHUNK_SECONDS"),  # curvopt/experiment/runner.py:5
 ]
+nitpick_ignore_regex.append((r"py:.*", r"curvopt(\.\w+)*\._\w+(\.\w+)*"))
 
 # ------------------------------------------------------------------------------ HTML (furo)
 html_theme = "furo"

@@ -63,7 +63,7 @@ class TraceEstimate(NamedTuple):
 
   @property
   def finite(self) -> jax.Array:
-    """Whether the estimate is finite: ``False`` iff a matvec product was NaN or inf.
+    """Whether the estimate is finite (``False`` iff a matvec product was NaN or inf).
 
     Every product enters ``estimate`` through a sum, so a non-finite one always shows here
     (an operator whose model overflowed, say); the estimate is then not usable.
@@ -91,7 +91,7 @@ class LanczosResult(NamedTuple):
 
   @property
   def finite(self) -> jax.Array:
-    """Whether every coefficient is finite: ``False`` iff a matvec product was NaN or inf.
+    """Whether every coefficient is finite (``False`` iff a matvec product was NaN or inf).
 
     A non-finite product poisons its :math:`\\alpha_j` and every later coefficient, so it
     always shows here; the coefficients are then not usable.
@@ -117,7 +117,7 @@ class EigenResult(NamedTuple):
 
   @property
   def finite(self) -> jax.Array:
-    """Whether the eigenvalues and residuals are finite: ``False`` iff a matvec was NaN or inf.
+    """Whether the eigenvalues and residuals are finite (``False`` iff a matvec was NaN or inf).
 
     A non-finite product poisons the tridiagonal matrix, and then all its Ritz values and
     residuals (``converged`` is then ``False`` too).
@@ -138,7 +138,7 @@ class SpectralDensity(NamedTuple):
 
   @property
   def finite(self) -> jax.Array:
-    """Whether the density is finite: ``False`` iff a matvec product was NaN or inf.
+    """Whether the density is finite (``False`` iff a matvec product was NaN or inf).
 
     A non-finite product poisons its run's Ritz values, each of which enters the density at
     every grid point, so it always shows here; the density is then not usable.

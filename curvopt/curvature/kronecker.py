@@ -120,10 +120,11 @@ def kronecker_matvec(factors: KroneckerFactors, v: Params) -> Params:
 
   For a weight matrix :math:`V` (the leaf of ``v`` re-indexed), :math:`(A \otimes G)
   \operatorname{vec} V = \operatorname{vec}(A V G)`; a diagonal block multiplies entrywise.
-  Applied to :func:`damped_inverse` factors it is the K-FAC preconditioner.
+  Applied to :func:`~curvopt.curvature.kronecker.damped_inverse` factors it is the K-FAC
+  preconditioner.
 
   Args:
-    factors: from :func:`kronecker_factors` or :func:`damped_inverse`.
+    factors: from :func:`kronecker_factors` or :func:`~curvopt.curvature.kronecker.damped_inverse`.
     v: a pytree shaped like the parameters.
 
   Returns:
@@ -205,7 +206,10 @@ def damped_inverse(factors: KroneckerFactors, damping: jax.typing.ArrayLike) -> 
 def kronecker_inverse_fn(
   factors: KroneckerFactors, damping: jax.typing.ArrayLike
 ) -> Callable[[Params], Params]:
-  """``v -> M^{-1} v``: the damped K-FAC inverse (:func:`damped_inverse`) as a pytree map."""
+  """``v -> M^{-1} v``: the damped K-FAC inverse as a pytree map.
+
+  See :func:`~curvopt.curvature.kronecker.damped_inverse`.
+  """
   return functools.partial(kronecker_matvec, damped_inverse(factors, damping))
 
 

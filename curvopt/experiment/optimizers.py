@@ -115,7 +115,7 @@ def schema_from_signature(
 
   Returns:
     A dataclass subclassing :class:`OptimizerConfig`; ``schema.choices`` maps fields with a
-    fixed set of values to them (checked by :func:`check_choices`).
+    fixed set of values to them (checked by :func:`~curvopt.experiment.config.check_options`).
   """
   defaults = defaults or {}
   fields, choices = [("name", str, dataclasses.field(default=name))], {}

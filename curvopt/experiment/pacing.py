@@ -2,7 +2,7 @@
 
 A run's compiled loop takes its number of steps at run time, so the runner can call it in
 chunks of any length without recompiling. :class:`Pacer` picks each length from the time per
-step it measured on the previous chunk: about :data:`CHUNK_SECONDS` of training (so Ctrl-C is
+step it measured on the previous chunk: about ``CHUNK_SECONDS`` of training (so Ctrl-C is
 answered and the progress bar moves within about a second), never past the next evaluation,
 and, under a seconds budget, at most half the time left, so the budget is overshot by less
 than one step even when steps slow down by up to twice. (Chunks of ``eval_every`` steps, as

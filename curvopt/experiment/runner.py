@@ -1,14 +1,14 @@
 """The runner: trains every (optimiser, seed) pair, evaluates, logs, checkpoints and resumes.
 
-Each optimiser's training loop is one compiled program, ``fori_loop`` over a number of steps
-given at run time, compiled ahead of time once (so it cannot recompile). The runner calls it in
-chunks of about :data:`CHUNK_SECONDS` of training (never past the next evaluation), paced from
-the measured time per step: a seconds budget is then kept to within one step, Ctrl-C is
-answered within a chunk, and the progress bar moves. The batch of step ``t`` is a pure function
-of the seed and ``t``, and every step runs the same compiled body, so the chunking does not
-change the results. Checkpoints (Orbax) hold the parameters, the optimiser state, the step and
-the training time, so a resumed run continues exactly where the checkpoint left it and ends
-with the same metrics as an uninterrupted run.
+Each optimiser's training loop is one compiled program, ``fori_loop`` over a number of steps given
+at run time, compiled ahead of time once (so it cannot recompile). The runner calls it in chunks of
+about :data:`~curvopt.experiment.pacing.CHUNK_SECONDS` of training (never past the next evaluation),
+paced from the measured time per step: a seconds budget is then kept to within one step, Ctrl-C is
+answered within a chunk, and the progress bar moves. The batch of step ``t`` is a pure function of
+the seed and ``t``, and every step runs the same compiled body, so the chunking does not change the
+results. Checkpoints (Orbax) hold the parameters, the optimiser state, the step and the training
+time, so a resumed run continues exactly where the checkpoint left it and ends with the same metrics
+as an uninterrupted run.
 """
 
 import dataclasses

@@ -83,5 +83,5 @@ class SolverStatus(enum.IntEnum):
     return int(np.asarray(code)) in (cls.RESIDUAL, cls.PROGRESS, cls.DIRECT)
 
 
-#: Lower-case status names indexed by code: ``CG_STATUSES[int(result.status)]``.
+#: Lower-case status names indexed by code, as in ``CG_STATUSES[int(result.status)]``.
 CG_STATUSES: tuple[str, ...] = SolverStatus.names()

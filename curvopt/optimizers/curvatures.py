@@ -214,7 +214,7 @@ class Hessian:
   r"""The Hessian :math:`\nabla^2 f` of the objective ``value_fn`` (required in ``update``).
 
   Attributes:
-    mode: forward/reverse composition of the products (:func:`curvopt.products.hvp_fn`).
+    mode: forward/reverse composition of the products (:func:`curvopt.hvp_fn`).
   """
 
   mode: products.HvpMode = "fwd_rev"
@@ -243,7 +243,7 @@ class Hessian:
 class GGN:
   r"""The generalised Gauss-Newton :math:`J^\top \nabla^2_z L\, J` of ``model_fn``/``loss_fn``.
 
-  Products by :func:`curvopt.products.ggn_fn`; for the dense solvers, the rows
+  Products by :func:`curvopt.ggn_fn`; for the dense solvers, the rows
   :math:`F_i = L_i^\top J_i` from per-example Jacobians (:mod:`curvopt.curvature.gram`).
 
   Attributes:

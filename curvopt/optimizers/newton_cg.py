@@ -57,8 +57,10 @@ __all__ = [
   "DiagonalFn",
   "NewtonCGInfo",
   "NewtonCGState",
+  "Trials",
   "newton_cg",
   "newton_cg_parts",
+  "run_trials",
   "scale_by_newton_cg",
   "value_fn_from_model",
 ]

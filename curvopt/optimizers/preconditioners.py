@@ -40,7 +40,7 @@ __all__ = [
 
 
 class PreconditionerContext(NamedTuple):
-  """What Newton-CG hands to its preconditioners (:attr:`System.context`).
+  """What Newton-CG hands to its preconditioners (:attr:`curvopt.linalg.solvers.System.context`).
 
   Attributes:
     params: the parameters (a pytree).

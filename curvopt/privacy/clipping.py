@@ -249,7 +249,7 @@ def guarded_pass(
 
   ``run(batch, drop) -> (weighted_sum, sq_norms)`` is a method pass that gives the ``drop``
   rows weight 0. Padded rows and rows with a NaN input are replaced by a copy of a kept example
-  *before* the pass (:func:`_replace_rows`), so nothing non-finite enters it. When every kept
+  *before* the pass (``_replace_rows``), so nothing non-finite enters it. When every kept
   example then has a finite norm (the usual case) that pass is the result, and the guard has cost
   one elementwise pass over the inputs.
 
