@@ -6,7 +6,7 @@ Issue 16 measured 20 GGN products on a small CNN (B=256) at ~5x the unrolled cos
 * ``unrolled``: 20 products in straight-line code (one XLA computation, no loop);
 * ``fori_loop``: the same 20 products in ``lax.fori_loop``;
 * ``fori_loop canonical``: the same, with the product wrapped in
-  :func:`curvopt.linalg.layout.canonical_convolutions`;
+  :func:`curvopt.linalg.conv_layout.canonical_convolutions`;
 * ``cg as_is`` / ``cg``: :func:`curvopt.linalg.cg.conjugate_gradient` with ``max_steps=20,
   tol=0`` and ``conv_layout="as_is"`` / the default (canonical on CPU);
 * ``cg unroll=k``: the default with ``k`` iterations per ``while_loop`` trip;
@@ -38,7 +38,7 @@ from _timing import interleaved_median_seconds, print_table  # noqa: E402
 import curvopt  # noqa: E402
 from curvopt.curvature.products import ggn_fn  # noqa: E402
 from curvopt.linalg.cg import conjugate_gradient  # noqa: E402
-from curvopt.linalg.layout import canonical_convolutions  # noqa: E402
+from curvopt.linalg.conv_layout import canonical_convolutions  # noqa: E402
 
 NUM_PRODUCTS = 20
 

@@ -220,7 +220,7 @@ def races_benchmark(scale):
 
 
 def _autoencoder():
-  from curvopt.experiment import runner
+  from curvopt.launcher import runner
   from experiments import autoencoder
 
   task = autoencoder.build(autoencoder.Config(encoder=[64, 128, 64, 32, 6]), jnp.float32)

@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import curvopt  # noqa: E402
-from curvopt.experiment.optimizers import state_diagnostics  # noqa: E402
+from curvopt.launcher.optimizers import state_diagnostics  # noqa: E402
 from curvopt.optimizers.newton_cg import newton_cg  # noqa: E402
 from experiments import pinn  # noqa: E402
 
@@ -243,7 +243,7 @@ def run(task: pinn.Pinn, name: str, args, run_dir: str, log) -> list[dict]:
   return records
 
 
-def summarize(problem: str, records: list[dict], args) -> str:
+def summarise(problem: str, records: list[dict], args) -> str:
   lines = [
     f"## PINN {problem}: {args.seconds:g} s per optimiser (float64, CPU, shared machine)\n",
     "| optimiser | steps | s/step | CG it./step | loss | l2_error | relative | l2 @ 100 s "
@@ -301,7 +301,7 @@ def main(argv=None):
         if rec["step"] == 0:
           records = [r for r in records if r["optimizer"] != rec["optimizer"]]
         records.append(rec)
-    summary = summarize(problem, records, args)
+    summary = summarise(problem, records, args)
     summary += "\n" + pinn.write_report(task, run_dir, records)
     with open(os.path.join(run_dir, "summary.md"), "w") as f:
       f.write(summary)

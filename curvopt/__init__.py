@@ -8,7 +8,7 @@ The package is layered; imports flow downward only (see ``ARCHITECTURE.md``):
 4. :mod:`curvopt.optimizers`: Newton-CG;
 5. :mod:`curvopt.privacy`: per-example gradients, clipping, ghost clipping, DP-SGD, accounting;
 6. :mod:`curvopt.recipes`: TD targets, MAML;
-7. :mod:`curvopt.experiment`: the launcher's reusable parts (imported on demand).
+7. :mod:`curvopt.launcher`: the launcher's reusable parts (imported on demand).
 
 :mod:`curvopt.sharding` (data-parallel placement helpers) stands beside the layers. Every public
 function is re-exported here as ``curvopt.<name>``; no module is shadowed by a function.
@@ -57,8 +57,8 @@ from curvopt.curvature.kronecker import (
 )
 from curvopt.curvature.products import empirical_fisher_fn, ggn_fn, ggn_vp, hvp, hvp_fn
 from curvopt.linalg.cg import CG_STATUSES, CGResult, conjugate_gradient
+from curvopt.linalg.conv_layout import canonical_convolutions
 from curvopt.linalg.dense import dense_matrix, dense_solve
-from curvopt.linalg.layout import canonical_convolutions
 from curvopt.linalg.nystrom import (
   NystromApproximation,
   nystrom_approximation,
@@ -67,7 +67,7 @@ from curvopt.linalg.nystrom import (
 )
 from curvopt.linalg.solvers import CG, Auto, Dense, NystromPreconditioner, SolverKind
 from curvopt.linalg.status import SolverStatus
-from curvopt.optimizers.curvatures import GGN, CurvatureFn, DiagonalFn, Fisher, Hessian
+from curvopt.optimizers.curvature_parts import GGN, CurvatureFn, DiagonalFn, Fisher, Hessian
 from curvopt.optimizers.damping import LevenbergMarquardt
 from curvopt.optimizers.kfac import KFACInfo, KFACState, kfac
 from curvopt.optimizers.newton_cg import (
@@ -102,10 +102,10 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
   # The launcher's parts need the `experiments` extras: imported on first use only.
-  if name == "experiment":
+  if name == "launcher":
     import importlib
 
-    return importlib.import_module("curvopt.experiment")
+    return importlib.import_module("curvopt.launcher")
   raise AttributeError(f"module 'curvopt' has no attribute {name!r}")
 
 

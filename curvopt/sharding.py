@@ -32,13 +32,12 @@ more.
 """
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-PyTree = Any
+from curvopt._typing import PyTree
 
 
 def data_mesh(

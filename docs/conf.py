@@ -70,7 +70,7 @@ nitpick_ignore_regex = [
 ]
 # Private names in public signatures: not documented objects.
 nitpick_ignore = [
-  ("py:class", "curvopt.experiment.runner._Setup"),  # curvopt/experiment/runner.py signatures
+  ("py:class", "curvopt.launcher.runner._Setup"),  # curvopt/launcher/runner.py signatures
 ]
 nitpick_ignore_regex.append((r"py:.*", r"curvopt(\.\w+)*\._\w+(\.\w+)*"))
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvopt.experiment.tasks import Task, as_dtype, dense_init, load_sklearn, train_test_split
+from curvopt.launcher.tasks import Task, as_dtype, dense_init, load_sklearn, train_test_split
 
 
 class Activation(enum.Enum):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from curvopt.experiment.tasks import (
+from curvopt.launcher.tasks import (
   Task,
   as_dtype,
   dense_init,

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvopt.autodiff.implicit import fixed_point_solve
-from curvopt.experiment.tasks import Task, as_dtype
+from curvopt.launcher.tasks import Task, as_dtype
 
 
 @dataclass

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvopt.experiment.tasks import Task, as_dtype, load_sklearn, standardize, train_test_split
+from curvopt.launcher.tasks import Task, as_dtype, load_sklearn, standardize, train_test_split
 
 
 @dataclass

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvopt.experiment.tasks import Task, dense_init, mlp_apply
+from curvopt.launcher.tasks import Task, dense_init, mlp_apply
 from curvopt.recipes.meta import maml_loss
 
 

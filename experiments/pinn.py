@@ -58,8 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvopt.autodiff.operators import hessian_diagonal, laplacian
-from curvopt.experiment.config import ConfigError
-from curvopt.experiment.tasks import Task
+from curvopt.launcher.config import ConfigError
+from curvopt.launcher.tasks import Task
 
 PROBLEMS = ("poisson2d", "heat", "poisson5d")
 DIMS = {"poisson2d": 2, "heat": 2, "poisson5d": 5}
@@ -280,7 +280,7 @@ def write_report(task: Pinn, run_dir: str, records: list[dict]) -> str:
   import matplotlib
 
   matplotlib.use("Agg", force=False)
-  from curvopt.experiment.records import group
+  from curvopt.launcher.records import group
 
   runs = {label: min(seeds.items())[1] for label, seeds in group(records).items()}  # 1st seed
   _plot_curves(task, runs, os.path.join(run_dir, "pinn_curves.png"))

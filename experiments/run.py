@@ -19,7 +19,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # checkout, whatever the working directory.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from curvopt.experiment.runner import TaskEntry, main  # noqa: E402
+from curvopt.launcher.runner import TaskEntry, main  # noqa: E402
 
 # task name -> module of this checkout's `experiments` folder defining `Config` (schema) and
 # `build(cfg, dtype)`.

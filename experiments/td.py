@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvopt.experiment.tasks import Task, as_dtype, dense_init, mlp_apply
+from curvopt.launcher.tasks import Task, as_dtype, dense_init, mlp_apply
 from curvopt.recipes.targets import td0_loss
 
 

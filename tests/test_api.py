@@ -82,7 +82,7 @@ def test_privacy_epsilon_and_submodules_are_reachable():
   assert callable(curvopt.privacy.epsilon)
   for name in ("estimators", "ghost", "sharding", "privacy"):
     assert isinstance(getattr(curvopt, name), types.ModuleType), name
-  assert isinstance(curvopt.experiment, types.ModuleType)
+  assert isinstance(curvopt.launcher, types.ModuleType)
 
 
 def test_every_module_imports_as_a_module_and_none_is_shadowed():
@@ -99,7 +99,7 @@ def test_every_module_imports_as_a_module_and_none_is_shadowed():
 def test_no_stray_names_leak_into_the_namespace():
   public = {k for k in vars(curvopt) if not k.startswith("_")}
   assert "importlib" not in public
-  assert public - set(curvopt.__all__) <= {"experiment"}, public - set(curvopt.__all__)
+  assert public - set(curvopt.__all__) <= {"launcher"}, public - set(curvopt.__all__)
 
 
 def test_flax_is_not_imported_by_the_library():

@@ -16,7 +16,7 @@ from jax.flatten_util import ravel_pytree
 import curvopt
 from curvopt import CG, GGN, Dense, Hessian, LevenbergMarquardt, NystromPreconditioner
 from curvopt.linalg.cg import CGResult, conjugate_gradient
-from curvopt.linalg.flat import flat_layout
+from curvopt.linalg.flat import packing
 from curvopt.linalg.solvers import SolverKind, System
 from curvopt.optimizers import damping
 from curvopt.optimizers.newton_cg import newton_cg, scale_by_newton_cg, value_fn_from_model
@@ -101,7 +101,7 @@ def test_martens_diagonal_and_diagonal_preconditioner_against_loops():
 
 def _system(a, like):
   """A :class:`System` for ``a`` acting on pytrees shaped like ``like`` (packed, as Newton-CG)."""
-  pack, unpack = flat_layout(like)
+  pack, unpack = packing(like)
   matvec = lambda v: pack(
     jax.tree.map(lambda _, w: w, like, unpack_flat(jnp.asarray(a) @ ravel_pytree(unpack(v))[0]))
   )

@@ -12,9 +12,9 @@ from jax.flatten_util import ravel_pytree
 import curvopt
 from curvopt.curvature.gram import gauss_newton_rows
 from curvopt.curvature.products import ggn_fn
-from curvopt.experiment import config as config_lib
-from curvopt.experiment import optimizers as opt_lib
-from curvopt.experiment import runner
+from curvopt.launcher import config as config_lib
+from curvopt.launcher import optimizers as opt_lib
+from curvopt.launcher import runner
 from experiments import pinn
 from experiments import run as RUN
 
@@ -153,7 +153,7 @@ def test_resampled_points_change_every_step_and_are_reproducible():
 def test_config_quick_run_decreases_the_error(name, tmp_path):
   """A few Newton-CG steps of each config (small point sets) lower the L2 error.
 
-  (tests/test_experiment_launcher.py runs every optimiser of every config for two steps.)
+  (tests/test_launcher_runs.py runs every optimiser of every config for two steps.)
   """
   problem = name.removeprefix("pinn_")
   overrides = [

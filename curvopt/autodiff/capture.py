@@ -8,7 +8,7 @@ re-shapes a call primitive is one repair here:
   preserves; :func:`body` and :func:`equations` read it.
 * :func:`interpret`, an evaluator that applies a rule to each equation and descends into the
   calls its caller chooses, and :func:`bind`, which applies one equation's primitive. The
-  convolution-layout rewrite (:mod:`curvopt.linalg.layout`), the forward Laplacian
+  convolution-layout rewrite (:mod:`curvopt.linalg.conv_layout`), the forward Laplacian
   (:mod:`curvopt.autodiff.operators`) and the layer capture below are rules for it.
 * **Layer capture.** :func:`find_sites` follows every parameter leaf through shape-only
   operations (reshape, transpose, dtype conversion, broadcast) to the first operation that mixes

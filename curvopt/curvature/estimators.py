@@ -43,9 +43,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from curvopt import _checks, _nnx
+from curvopt._typing import Matvec, Params
 
-Params = Any
-Matvec = Callable[[Any], Any]
 Distribution = Literal["rademacher", "gaussian"]
 DISTRIBUTIONS = ("rademacher", "gaussian")
 

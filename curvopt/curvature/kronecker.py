@@ -66,6 +66,7 @@ import numpy as np
 from jax import lax
 
 from curvopt import _checks, _nnx
+from curvopt._typing import Params
 from curvopt.autodiff import capture, derivatives
 from curvopt.curvature import _layer_cases as layer_cases
 
@@ -73,7 +74,6 @@ KroneckerCurvature = Literal["ggn", "ggn_sampled", "fisher"]
 WeightSharing = Literal["expand", "reduce"]
 CURVATURES = ("ggn", "ggn_sampled", "fisher")
 WEIGHT_SHARINGS = ("expand", "reduce")
-Params = Any
 
 
 class KroneckerBlock(NamedTuple):

@@ -14,9 +14,8 @@ import jax.numpy as jnp
 import optax
 
 from curvopt import _checks, _nnx
+from curvopt._typing import Matvec, Params
 
-Params = Any
-Matvec = Callable[[Any], Any]
 HvpMode = Literal["fwd_rev", "rev_fwd", "rev_rev"]
 HVP_MODES = ("fwd_rev", "rev_fwd", "rev_rev")
 _MODULE_HINT = (

@@ -19,11 +19,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvopt.linalg.flat import flat_layout
-from curvopt.linalg.layout import ConvLayout, with_conv_layout
+from curvopt._typing import Matvec
+from curvopt.linalg.conv_layout import ConvLayout, with_conv_layout
+from curvopt.linalg.flat import packing
 from curvopt.linalg.status import CG_STATUSES, SolverStatus
-
-Matvec = Callable[[Any], Any]
 
 __all__ = ["CG_STATUSES", "CGResult", "SolverStatus", "conjugate_gradient"]
 
@@ -185,7 +184,7 @@ def conjugate_gradient(
   product inside the CG loop ran 4-10x slower than the same product in straight-line code.
   ``conv_layout="canonical"`` (the default ``"auto"`` on the CPU backend) re-emits the
   operator's convolutions in canonical layout
-  (:func:`~curvopt.linalg.layout.canonical_convolutions`), which removes that penalty;
+  (:func:`~curvopt.linalg.conv_layout.canonical_convolutions`), which removes that penalty;
   operators without convolutions are untouched.
 
   Newton-CG uses it through :class:`curvopt.linalg.solvers.CG`.
@@ -212,7 +211,7 @@ def conjugate_gradient(
     unroll: iterations per ``while_loop`` trip (static positive int).
     conv_layout: ``"canonical"`` rewrites the operator's convolutions to XLA:CPU's canonical
       layout, ``"as_is"`` leaves them, ``"auto"`` rewrites on the CPU backend only.
-    flatten: run the loop on one vector per dtype (:func:`~curvopt.linalg.flat.flat_layout`)
+    flatten: run the loop on one vector per dtype (:func:`~curvopt.linalg.flat.packing`)
       instead of on the pytree; the operator, preconditioner and ``backtrack_fn`` still see
       pytrees. Same iterates; far fewer kernels to compile for many-leaf pytrees.
 
@@ -299,7 +298,7 @@ def _check_arguments(b, x0, max_steps, backtrack_fn, backtrack_factor, every, un
 
 def _solve_packed(matvec, b, x0, preconditioner, backtrack_fn, options: _Options) -> CGResult:
   """The same solve on one packed vector per dtype; the callables still see pytrees."""
-  pack, unpack = flat_layout(b)
+  pack, unpack = packing(b)
   result = conjugate_gradient(
     lambda v: pack(matvec(unpack(v))),
     pack(b),

@@ -27,11 +27,10 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from curvopt._checks import check_choice
+from curvopt._typing import Matvec
 from curvopt.linalg.cg import CGResult
-from curvopt.linalg.layout import with_conv_layout
+from curvopt.linalg.conv_layout import with_conv_layout
 from curvopt.linalg.status import SolverStatus
-
-Matvec = Callable[[Any], Any]
 
 __all__ = ["DENSE_METHODS", "damped_dense_solve", "dense_matrix", "dense_solve", "kernel_solve"]
 

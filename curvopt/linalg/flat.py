@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["FlatLayout", "flat_layout"]
+__all__ = ["Packing", "packing"]
 
 
-class FlatLayout(NamedTuple):
+class Packing(NamedTuple):
   """How a pytree is packed: ``pack(tree) -> tuple of vectors``, ``unpack(vectors) -> tree``.
 
   Attributes:
@@ -32,19 +32,19 @@ class FlatLayout(NamedTuple):
   unpack: Callable[[tuple[jax.Array, ...]], Any]
 
 
-def flat_layout(template: Any) -> FlatLayout:
+def packing(template: Any) -> Packing:
   """The packing of pytrees shaped like ``template`` into one vector per dtype.
 
   Args:
     template: a pytree of arrays (concrete or traced); only shapes and dtypes are read.
 
   Returns:
-    A :class:`FlatLayout`. ``pack`` casts each leaf to its template dtype and raises a
+    A :class:`Packing`. ``pack`` casts each leaf to its template dtype and raises a
     ``ValueError`` for a tree of another structure.
 
   Examples:
     >>> tree = {"w": jnp.ones((2, 2)), "n": jnp.arange(3)}
-    >>> layout = flat_layout(tree)
+    >>> layout = packing(tree)
     >>> [v.shape for v in layout.pack(tree)]
     [(4,), (3,)]
     >>> back = layout.unpack(layout.pack(tree))
@@ -79,4 +79,4 @@ def flat_layout(template: Any) -> FlatLayout:
         out[i] = vector[offs[j] : offs[j + 1]].reshape(shapes[i])
     return jax.tree.unflatten(treedef, out)
 
-  return FlatLayout(pack, unpack)
+  return Packing(pack, unpack)

@@ -25,7 +25,6 @@ leading axis of size ``rank``; only the small :math:`\ell\times\ell` algebra and
 SVD of the stacked sketch flatten leaves.
 """
 
-from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -33,10 +32,9 @@ import jax.numpy as jnp
 import optax
 
 from curvopt._checks import check_choice
+from curvopt._typing import Matvec
 from curvopt.linalg.cg import CGResult, conjugate_gradient
-from curvopt.linalg.layout import with_conv_layout
-
-Matvec = Callable[[Any], Any]
+from curvopt.linalg.conv_layout import with_conv_layout
 
 __all__ = ["NystromApproximation", "nystrom_approximation", "nystrom_cg", "nystrom_preconditioner"]
 
@@ -148,7 +146,7 @@ def nystrom_approximation(
   omega_t, _ = jnp.linalg.qr(jnp.concatenate(gaussian, axis=1).T)  # (n, rank), orthonormal
   omega = _unstack_rows(omega_t.T, like)
   # Canonical convolutions on CPU: the sketch may run inside a loop or cond (lax.map, or a
-  # preconditioner refreshed every k optimiser steps), see curvopt.linalg.layout.
+  # preconditioner refreshed every k optimiser steps), see curvopt.linalg.conv_layout.
   matvec = with_conv_layout(matvec)
   if batch_mode == "vmap":
     y_tree = jax.vmap(matvec)(omega)

@@ -266,6 +266,26 @@ def _adapt(opts: _Options, state: KFACState, params, data, step, h, change, grad
   return jax.lax.cond(adapt_now, measure, lambda: (nan, lam))
 
 
+def _check_options(learning_rate, momentum, damping, damping_decay, num_samples) -> None:
+  """Named errors for :func:`kfac`'s options (traced values pass)."""
+  if learning_rate is not None:
+    check_number(
+      "kfac: learning_rate", learning_rate, lambda v: v > 0, "> 0, or None for the automatic one"
+    )
+  if learning_rate is None and not isinstance(momentum, jax.core.Tracer) and momentum != 0:
+    raise ValueError(
+      "kfac(learning_rate=None) chooses the momentum from the quadratic model; drop "
+      f"momentum={momentum!r}, or give a learning_rate."
+    )
+  for name, value in (("damping", damping), ("damping_decay", damping_decay)):
+    _positive(name, value)
+  if isinstance(num_samples, jax.core.Tracer):
+    raise TypeError(
+      "num_samples fixes array shapes and must be a Python int, but it is traced (e.g. by "
+      "optax.inject_hyperparams); pass static_args=('model_fn', 'loss_fn', 'num_samples')."
+    )
+
+
 def kfac(
   learning_rate: optax.ScalarOrSchedule | None = None,
   *,
@@ -351,22 +371,7 @@ def kfac(
     )
   problem = Problem.build("kfac", model_fn, loss_fn, module)
   model_fn = problem.model_fn
-  if learning_rate is not None:
-    check_number(
-      "kfac: learning_rate", learning_rate, lambda v: v > 0, "> 0, or None for the automatic one"
-    )
-  if learning_rate is None and not isinstance(momentum, jax.core.Tracer) and momentum != 0:
-    raise ValueError(
-      "kfac(learning_rate=None) chooses the momentum from the quadratic model; drop "
-      f"momentum={momentum!r}, or give a learning_rate."
-    )
-  for name, value in (("damping", damping), ("damping_decay", damping_decay)):
-    _positive(name, value)
-  if isinstance(num_samples, jax.core.Tracer):
-    raise TypeError(
-      "num_samples fixes array shapes and must be a Python int, but it is traced (e.g. by "
-      "optax.inject_hyperparams); pass static_args=('model_fn', 'loss_fn', 'num_samples')."
-    )
+  _check_options(learning_rate, momentum, damping, damping_decay, num_samples)
   num_samples = 1 if num_samples is None else int(num_samples)
   opts = _Options(
     model_fn, loss_fn, learning_rate, momentum, curvature, num_samples, weight_sharing,

@@ -4,7 +4,7 @@ Each update solves the damped Newton system :math:`(C + \lambda I)\, d = g` and 
 direction :math:`d`. Three small values compose it (optimistix's descent / search / linear
 solver split is the model), each validating only its own options:
 
-* the **curvature** :math:`C` (:mod:`curvopt.optimizers.curvatures`): :class:`Hessian`,
+* the **curvature** :math:`C` (:mod:`curvopt.optimizers.curvature_parts`): :class:`Hessian`,
   :class:`GGN`, :class:`Fisher` or a user :class:`CurvatureFn`;
 * the **solver** of the damped system (:mod:`curvopt.linalg.solvers`): :class:`CG`
   (truncated, preconditioned), :class:`Dense` in parameter or sample space, or :class:`Auto`
@@ -35,11 +35,10 @@ import optax
 
 from curvopt import _checks
 from curvopt._typing import Params
-from curvopt.linalg.flat import flat_layout
+from curvopt.linalg.flat import packing
 from curvopt.linalg.solvers import CG, Auto, Dense, NystromPreconditioner, System
-from curvopt.optimizers import curvatures as curvatures_lib
-from curvopt.optimizers import preconditioners
-from curvopt.optimizers.curvatures import CurvatureFn, DiagonalFn, bind
+from curvopt.optimizers import curvature_parts, preconditioners
+from curvopt.optimizers.curvature_parts import CurvatureFn, DiagonalFn, bind
 from curvopt.optimizers.damping import LevenbergMarquardt, reduction_ratio
 from curvopt.optimizers.problem import (
   Problem,
@@ -247,7 +246,7 @@ def newton_cg_parts(
     >>> type(newton_cg_parts("ggn")[1]).__name__
     'Auto'
   """
-  curvature = curvatures_lib.as_curvature(curvature)
+  curvature = curvature_parts.as_curvature(curvature)
   if isinstance(damping, LevenbergMarquardt):
     if adapt_damping is not None:
       raise ValueError(
@@ -376,7 +375,7 @@ class _Config(NamedTuple):
 def _system(config: _Config, params, updates, value_fn, data, count):
   """The update's :class:`~curvopt.linalg.solvers.System` on packed vectors, and the layout."""
   op = config.curvature.operator(params, config.problem, value_fn, data, count)
-  pack, unpack = flat_layout(updates)
+  pack, unpack = packing(updates)
   context = preconditioners.PreconditionerContext(
     params, config.problem, value_fn, op, pack, unpack
   )
@@ -461,7 +460,7 @@ def _init_state(config: _Config, params: Params) -> NewtonCGState:
     count=zero,
     direction=optax.tree.zeros_like(params),
     damping=jnp.asarray(config.policy.init, dtype),
-    solver_state=config.solver.init(flat_layout(params).pack(params)),
+    solver_state=config.solver.init(packing(params).pack(params)),
     info=NewtonCGInfo(
       rho=jnp.asarray(jnp.nan, dtype),
       loss=jnp.asarray(jnp.nan, dtype),
@@ -513,10 +512,10 @@ def scale_by_newton_cg(
 
   Args:
     curvature: ``"ggn"`` (default; needs ``model_fn``/``loss_fn``), ``"hessian"`` (of
-      ``value_fn``), ``"fisher"``, a value (:class:`~curvopt.optimizers.curvatures.GGN`,
-      :class:`~curvopt.optimizers.curvatures.Hessian`,
-      :class:`~curvopt.optimizers.curvatures.Fisher`) or a
-      :class:`~curvopt.optimizers.curvatures.CurvatureFn`.
+      ``value_fn``), ``"fisher"``, a value (:class:`~curvopt.optimizers.curvature_parts.GGN`,
+      :class:`~curvopt.optimizers.curvature_parts.Hessian`,
+      :class:`~curvopt.optimizers.curvature_parts.Fisher`) or a
+      :class:`~curvopt.optimizers.curvature_parts.CurvatureFn`.
     solver: ``"auto"`` (default), ``"cg"``, ``"nystrom"`` (CG with a Nyström preconditioner),
       ``"dense"`` (parameter space), ``"dense_samples"`` (sample space), or a solver value
       (:class:`~curvopt.linalg.solvers.CG`, :class:`~curvopt.linalg.solvers.Dense`,
@@ -541,7 +540,7 @@ def scale_by_newton_cg(
       (:class:`~curvopt.optimizers.preconditioners.MartensDiagonal`), ``"kfac"``
       (:class:`~curvopt.optimizers.preconditioners.KFACPreconditioner`), ``"nystrom"``
       (:class:`~curvopt.linalg.solvers.NystromPreconditioner`), a preconditioner value or a
-      :class:`~curvopt.optimizers.curvatures.DiagonalFn`.
+      :class:`~curvopt.optimizers.curvature_parts.DiagonalFn`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`NewtonCGState`.
@@ -590,7 +589,7 @@ def scale_by_newton_cg(
     preconditioner=preconditioner,
   )
   problem = Problem.build("newton_cg", model_fn, loss_fn, module)
-  if isinstance(curvature, curvatures_lib.GGN) and problem.model_fn is None:
+  if isinstance(curvature, curvature_parts.GGN) and problem.model_fn is None:
     raise ValueError(
       "newton_cg(curvature='ggn') needs model_fn=(params, **data) -> outputs and "
       "loss_fn=(outputs, **data) -> loss at construction; or use curvature='hessian' and pass "

@@ -5,7 +5,7 @@ update, ``apply`` at each trial's damping) that reads the update's
 :class:`PreconditionerContext` (the parameters, the model/loss split, the curvature's data):
 
 * :class:`MartensDiagonal`: Martens' (2010 §4.7) diagonal of per-example squared gradients;
-* :class:`DiagonalPreconditioner`: any user :class:`~curvopt.optimizers.curvatures.DiagonalFn`;
+* :class:`DiagonalPreconditioner`: any user :class:`~curvopt.optimizers.curvature_parts.DiagonalFn`;
 * :class:`KFACPreconditioner`: K-FAC's Kronecker factors (Martens & Grosse 2015), found in the
   model's jaxpr (:mod:`curvopt.curvature.kronecker`), inverted with factored Tikhonov damping
   and the :math:`\pi`-correction at each trial's damping.
@@ -23,7 +23,7 @@ import jax
 from curvopt._typing import Params
 from curvopt.curvature import kronecker
 from curvopt.optimizers import damping as damping_lib
-from curvopt.optimizers.curvatures import (
+from curvopt.optimizers.curvature_parts import (
   CurvatureOperator,
   batch_chunk,
   per_example,
@@ -46,7 +46,7 @@ class PreconditionerContext(NamedTuple):
     params: the parameters (a pytree).
     problem: the :class:`~curvopt.optimizers.problem.Problem` (model/loss split).
     value_fn: the objective ``(params, **data) -> loss`` or ``None``.
-    curvature: the update's :class:`~curvopt.optimizers.curvatures.CurvatureOperator` (its
+    curvature: the update's :class:`~curvopt.optimizers.curvature_parts.CurvatureOperator` (its
       data and objective).
     pack: pytree -> the solver's tuple of vectors.
     unpack: the inverse of ``pack``.

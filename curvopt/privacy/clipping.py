@@ -56,7 +56,7 @@ import optax
 
 from curvopt import _checks, _nnx
 from curvopt._typing import Batch, LossFn, Params
-from curvopt.privacy.ghost import ghost_clipped_sum
+from curvopt.privacy.ghost import ghost_clipped_sum, norm_dtype
 from curvopt.privacy.per_example import per_example_grads
 
 WeightFn = Callable[[Any], Any]
@@ -217,7 +217,7 @@ def _one_at_a_time(
   def body(total, xs):
     example, dropped = xs
     loss, grad = jax.value_and_grad(loss_fn)(params, example)
-    sq = jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(_norm_dtype(g))))[None], grad)
+    sq = jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(norm_dtype(g))))[None], grad)
     bad = ~jnp.isfinite(loss) | ~jnp.isfinite(_total_sq(sq))
     weights = weights_of(sq, dropped[None] | bad)
     total = jax.tree.map(
@@ -231,10 +231,6 @@ def _one_at_a_time(
   init = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
   total, (sq, bad) = jax.lax.scan(body, init, (batch, drop))
   return total, sq, bad & ~drop
-
-
-def _norm_dtype(x: jax.Array) -> Any:
-  return jnp.promote_types(x.dtype, jnp.float32)
 
 
 def guarded_pass(

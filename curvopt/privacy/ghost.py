@@ -43,12 +43,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from curvopt import _nnx
+from curvopt._typing import Batch, Params
 from curvopt.autodiff import capture
 
 _ghost_jaxpr = capture  # the name tests/test_ghost.py reads
 
-Params = Any
-Batch = Any
 WeightFn = Callable[[Any], Any]
 
 
@@ -139,7 +138,7 @@ def ghost_clipped_sum(
   (losses,), data = captured.outputs, captured.data
   fb_grads, deltas = captured.vjp([jnp.ones_like(losses)])
 
-  sq = [jnp.zeros((num_examples,), _norm_dtype(leaf)) for leaf in leaves]
+  sq = [jnp.zeros((num_examples,), norm_dtype(leaf)) for leaf in leaves]
   data = {key: site.full_data(data[key], num_examples) for key, site in sites.items()}
   for leaf, site in plan.sites.items():
     sq[leaf] = _site_sq_norm(site, data[site.key], deltas[site.key], leaves[leaf])
@@ -173,7 +172,8 @@ def ghost_clipped_sum(
   return jax.tree.unflatten(treedef, total), sq_norms
 
 
-def _norm_dtype(leaf):
+def norm_dtype(leaf: Any) -> Any:
+  """The dtype norms of ``leaf`` are accumulated in: at least float32."""
   dtype = jnp.result_type(leaf)
   return (
     jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
@@ -474,7 +474,7 @@ def _gather_sq_norm(site, data, delta, leaf):
   d = jnp.where(valid[..., None], d, 0)
   same = (ids[:, :, None] == ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]
   gram_d = jnp.einsum("btp,bsp->bts", d, d)
-  return jnp.sum(jnp.where(same, gram_d, 0), axis=(1, 2)).astype(_norm_dtype(leaf))
+  return jnp.sum(jnp.where(same, gram_d, 0), axis=(1, 2)).astype(norm_dtype(leaf))
 
 
 def _per_example_sq_norm(site, data, delta, leaf):

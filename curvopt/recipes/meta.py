@@ -34,11 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from curvopt._typing import Batch, Params
 from curvopt.curvature.products import hvp_fn
 from curvopt.linalg.cg import CGResult, conjugate_gradient
 
-Params = Any
-Batch = Any
 TaskLossFn = Callable[[Params, Batch], jax.Array]
 MetaLossFn = Callable[[Params, Batch, Batch], Any]
 

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-Params = Any
+from curvopt._typing import Params
+
 ValueFn = Callable[[Params, Any], jax.Array]
 
 

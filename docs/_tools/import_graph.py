@@ -2,14 +2,15 @@
 
 Each module's ``import curvopt...`` / ``from curvopt... import ...`` statements (at any depth:
 imports inside functions count) are mapped to the package they reach: ``autodiff``,
-``curvature``, ``linalg``, ``optimizers``, ``privacy``, ``recipes``, ``experiment``,
+``curvature``, ``linalg``, ``optimizers``, ``privacy``, ``recipes``, ``launcher``,
 ``sharding``, or ``shared`` (the private ``_typing``, ``_checks``, ``_nnx``). ``from curvopt
 import name`` is mapped to the package that defines ``name`` (read from
 ``curvopt/__init__.py``). Imports inside a package are not edges.
 
 Run ``python docs/_tools/import_graph.py`` to print the Markdown table that
-``docs/architecture.md`` holds between its ``import-graph`` markers, or ``--write`` to update
-the page (``tests/test_docs.py`` checks that the page matches the code).
+``docs/architecture.md`` and ``ARCHITECTURE.md`` hold between their ``import-graph`` markers,
+or ``--write`` to update both (``tests/test_architecture.py`` checks that they match the code
+and that every import goes in an allowed direction).
 """
 
 import ast
@@ -19,6 +20,8 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "curvopt"
 PAGE = ROOT / "docs" / "architecture.md"
+#: The pages that hold the generated table between the markers.
+PAGES = (PAGE, ROOT / "ARCHITECTURE.md")
 BEGIN, END = "<!-- import-graph: begin -->", "<!-- import-graph: end -->"
 #: Packages from the bottom of the stack up (the order of the table).
 ORDER = (
@@ -30,7 +33,7 @@ ORDER = (
   "privacy",
   "recipes",
   "sharding",
-  "experiment",
+  "launcher",
 )
 
 
@@ -116,9 +119,10 @@ def page_table(text: str) -> str:
 def main(argv: list[str]) -> None:
   generated = table(import_graph())
   if "--write" in argv:
-    text = PAGE.read_text()
-    head, rest = text.split(BEGIN)
-    PAGE.write_text(f"{head}{BEGIN}\n{generated}\n{END}{rest.split(END)[1]}")
+    for page in PAGES:
+      text = page.read_text()
+      head, rest = text.split(BEGIN)
+      page.write_text(f"{head}{BEGIN}\n{generated}\n{END}{rest.split(END)[1]}")
   else:
     print(generated)
 

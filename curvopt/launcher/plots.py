@@ -4,7 +4,7 @@ from typing import Any
 
 import numpy as np
 
-from curvopt.experiment.records import group
+from curvopt.launcher.records import group
 
 
 def comparison_figure(records: list[dict], metric: str, *, title: str = "", log_y: bool = False):

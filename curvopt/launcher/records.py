@@ -95,7 +95,7 @@ def _fmt(values: Sequence[float | None], digits: int = 4) -> str:
   return f"{np.mean(vals):.{digits}g} ± {np.std(vals):.2g}"
 
 
-def summarize(
+def summary_rows(
   records: list[dict],
   metric: str,
   *,
@@ -112,7 +112,7 @@ def summarize(
   Examples:
     >>> recs = [{"optimizer": "a", "seed": 0, "step": s, "wall_time": 0.1 * s, "loss": 1 / (s + 1)}
     ...         for s in range(4)]
-    >>> row = summarize(recs, "loss", target=0.3)[0]
+    >>> row = summary_rows(recs, "loss", target=0.3)[0]
     >>> row["final"], row["best"], row["steps_to_target"], row["resolution"]
     ([0.25], [0.25], [3], 1)
   """

@@ -2,7 +2,7 @@
 
 Each optimiser's training loop is one compiled program, ``fori_loop`` over a number of steps given
 at run time, compiled ahead of time once (so it cannot recompile). The runner calls it in chunks of
-about :data:`~curvopt.experiment.pacing.CHUNK_SECONDS` of training (never past the next evaluation),
+about :data:`~curvopt.launcher.pacing.CHUNK_SECONDS` of training (never past the next evaluation),
 paced from the measured time per step: a seconds budget is then kept to within one step, Ctrl-C is
 answered within a chunk, and the progress bar moves. The batch of step ``t`` is a pure function of
 the seed and ``t``, and every step runs the same compiled body, so the chunking does not change the
@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvopt import sharding
-from curvopt.experiment import config as config_lib
-from curvopt.experiment import interrupt, pacing, plots, records
-from curvopt.experiment import optimizers as opt_lib
-from curvopt.experiment.config import Config, ConfigError, label_of
+from curvopt.launcher import config as config_lib
+from curvopt.launcher import interrupt, pacing, plots, records
+from curvopt.launcher import optimizers as opt_lib
+from curvopt.launcher.config import Config, ConfigError, label_of
 
 
 @dataclass
@@ -407,7 +407,7 @@ def summarise(setup: _Setup, *, echo: bool = True) -> RunResult:
   recs = setup.log.read()
   extra = [m for m in task.summary_metrics if m != metric]
   extra += [m for m in ("epsilon", "compile_time") if any(m in r for r in recs)]
-  rows = records.summarize(
+  rows = records.summary_rows(
     recs, metric, higher_is_better=task.higher_is_better, target=exp.target, extra_metrics=extra
   )
   table = records.summary_markdown(
@@ -457,7 +457,7 @@ def run_experiment(
   :func:`setup_run` (build and validate), :func:`train`, then :func:`summarise`.
 
   Args:
-    cfg: a validated :class:`~curvopt.experiment.config.Config`.
+    cfg: a validated :class:`~curvopt.launcher.config.Config`.
     task_entry: the task family named by ``cfg.task.name``.
     run_dir: where to write; a fresh ``output_dir/<name>/<timestamp>/`` when ``None``.
     resume: continue the runs in ``run_dir`` from their checkpoints.
@@ -628,7 +628,7 @@ def main(
 
   Ctrl-C stops the run after the step in progress with a checkpoint, prints the run directory
   and the ``--resume`` command, and returns 130; a second Ctrl-C exits at once
-  (:mod:`curvopt.experiment.interrupt`).
+  (:mod:`curvopt.launcher.interrupt`).
 
   Args:
     argv: the arguments after the program name.

@@ -18,9 +18,9 @@ from jax.sharding import Mesh
 
 from curvopt import sharding
 from curvopt._typing import Params
-from curvopt.experiment.config import ConfigError
+from curvopt.launcher.config import ConfigError
 
-Batch = dict[str, jax.Array]
+DataBatch = dict[str, jax.Array]
 
 
 class Task:
@@ -51,7 +51,7 @@ class Task:
   def __init__(self, cfg: Any, dtype: Any):
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
-    self.train_data: Batch = {}
+    self.train_data: DataBatch = {}
     self.mesh: Mesh | None = None
     self.data_axis = "data"
 
@@ -112,7 +112,7 @@ class Task:
   def num_train(self) -> int:
     return int(jax.tree.leaves(self.train_data)[0].shape[0])
 
-  def batch(self, data_key: jax.Array, step: jax.Array) -> Batch:
+  def batch(self, data_key: jax.Array, step: jax.Array) -> DataBatch:
     """Data for ``step``: the full training set (permuted if ``shuffle``), or a mini-batch
     drawn without replacement."""
     if self.batch_size is None and not self.shuffle:
@@ -146,7 +146,7 @@ class Task:
       lambda a: jax.lax.with_sharding_constraint(a, spec) if jnp.ndim(a) else a, batch
     )
 
-  def step_batch(self, data_key: jax.Array, step: jax.Array) -> Batch:
+  def step_batch(self, data_key: jax.Array, step: jax.Array) -> DataBatch:
     """:meth:`batch`, split over the data-parallel mesh (what the optimisers' steps call)."""
     return self.constrain_batch(self.batch(data_key, step))
 
@@ -162,7 +162,7 @@ class Task:
       return self.model_fn, self.output_loss
     return None
 
-  def per_example_loss(self, params: Params, example: Batch) -> jax.Array:
+  def per_example_loss(self, params: Params, example: DataBatch) -> jax.Array:
     """Loss of one example (no leading axis): the batch objective on a batch of one."""
     return self.loss(params, **jax.tree.map(lambda a: jnp.expand_dims(a, 0), example))
 

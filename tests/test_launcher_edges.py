@@ -9,9 +9,9 @@ import warnings
 
 import pytest
 
-from curvopt.experiment import config as config_lib
-from curvopt.experiment import optimizers as opt_lib
-from curvopt.experiment import records, runner
+from curvopt.launcher import config as config_lib
+from curvopt.launcher import optimizers as opt_lib
+from curvopt.launcher import records, runner
 from experiments import run as RUN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,14 +109,14 @@ def test_steps_to_target_states_its_resolution():
     {"optimizer": "a", "seed": 0, "step": s, "wall_time": 0.1 * s, "loss": 1.0 / (s + 1)}
     for s in range(0, 25, 5)
   ]
-  rows = records.summarize(recs, "loss", target=0.1)
+  rows = records.summary_rows(recs, "loss", target=0.1)
   assert rows[0]["steps_to_target"] == [10] and rows[0]["resolution"] == 5
   table = records.summary_markdown(rows, "loss", target=0.1)
   assert "10 (evaluated every 5)" in table
 
 
 def test_a_missing_extra_names_the_install_command():
-  code = "import sys; sys.modules['omegaconf'] = None; import curvopt.experiment"
+  code = "import sys; sys.modules['omegaconf'] = None; import curvopt.launcher"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
   assert out.returncode != 0
   assert "pip install" in out.stderr and "[experiments]" in out.stderr, out.stderr

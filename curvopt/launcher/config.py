@@ -197,7 +197,7 @@ def load_config(
     tasks: task name -> its config dataclass, or a zero-argument callable returning it (lazy
       import of the task module).
     optimizers: optimiser name -> its hyper-parameter dataclass (or a registry entry with a
-      ``schema`` attribute, as :data:`curvopt.experiment.optimizers.OPTIMIZERS` holds).
+      ``schema`` attribute, as :data:`curvopt.launcher.optimizers.OPTIMIZERS` holds).
 
   Returns:
     A :class:`Config` of dataclass instances.
@@ -333,9 +333,3 @@ def label_of(opt: Any) -> str:
       f"config key 'label': {opt.label!r} quotes an unknown option ({err}); use {{field}} with "
       f"one of {sorted(vars(opt))}, or double the braces for a literal brace."
     ) from None
-
-
-def check_choice(path: str, value: Any, allowed: Sequence[Any]) -> None:
-  """Raises :class:`ConfigError` naming ``path`` unless ``value`` is in ``allowed``."""
-  if value not in allowed:
-    raise ConfigError(f"config key '{path}': invalid value {value!r}; allowed values: {allowed}.")

@@ -12,10 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from curvopt.experiment import config as config_lib
-from curvopt.experiment import optimizers as opt_lib
-from curvopt.experiment import pacing, runner
-from curvopt.experiment import records as records_lib
+from curvopt.launcher import config as config_lib
+from curvopt.launcher import optimizers as opt_lib
+from curvopt.launcher import pacing, runner
+from curvopt.launcher import records as records_lib
 from experiments import run as RUN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +100,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_the_resume_command_continues_identic
 def test_a_second_ctrl_c_exits_at_once():
   script = (
     "import os, signal, time\n"
-    "from curvopt.experiment.interrupt import StopOnInterrupt\n"
+    "from curvopt.launcher.interrupt import StopOnInterrupt\n"
     "with StopOnInterrupt() as stop:\n"
     "  stop.exit_message = 'resume hint'\n"
     "  os.kill(os.getpid(), signal.SIGINT)\n"

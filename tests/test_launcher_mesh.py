@@ -81,9 +81,9 @@ def _sharded_main(out_dir):
   import jax.numpy as jnp
 
   from curvopt import sharding
-  from curvopt.experiment import config as config_lib
-  from curvopt.experiment import optimizers as opt_lib
-  from curvopt.experiment import runner
+  from curvopt.launcher import config as config_lib
+  from curvopt.launcher import optimizers as opt_lib
+  from curvopt.launcher import runner
 
   assert jax.device_count() == NUM_DEVICES, jax.devices()
   run = _load_run_module()
@@ -325,9 +325,9 @@ def test_two_processes_equal_single_device(sharded, tmp_path):
   ],
 )
 def test_bad_mesh_values_name_the_key(override, key, hint):
-  from curvopt.experiment import config as config_lib
-  from curvopt.experiment import optimizers as opt_lib
-  from curvopt.experiment import runner
+  from curvopt.launcher import config as config_lib
+  from curvopt.launcher import optimizers as opt_lib
+  from curvopt.launcher import runner
 
   run = _load_run_module()
   with pytest.raises(config_lib.ConfigError) as err:
@@ -343,9 +343,9 @@ def test_bad_mesh_values_name_the_key(override, key, hint):
 def test_missing_mesh_section_is_one_device(tmp_path):
   import jax
 
-  from curvopt.experiment import config as config_lib
-  from curvopt.experiment import optimizers as opt_lib
-  from curvopt.experiment import runner
+  from curvopt.launcher import config as config_lib
+  from curvopt.launcher import optimizers as opt_lib
+  from curvopt.launcher import runner
 
   run = _load_run_module()
   cfg = config_lib.load_config(

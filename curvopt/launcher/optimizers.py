@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from curvopt._typing import Params
-from curvopt.experiment.config import ConfigError
+from curvopt.launcher.config import ConfigError
 
 
 @dataclass
@@ -115,7 +115,7 @@ def schema_from_signature(
 
   Returns:
     A dataclass subclassing :class:`OptimizerConfig`; ``schema.choices`` maps fields with a
-    fixed set of values to them (checked by :func:`~curvopt.experiment.config.check_options`).
+    fixed set of values to them (checked by :func:`~curvopt.launcher.config.check_options`).
   """
   defaults = defaults or {}
   fields, choices = [("name", str, dataclasses.field(default=name))], {}
@@ -180,7 +180,7 @@ def register_optimizer(name: str, schema: type) -> Callable:
 
 
 def schemas() -> dict[str, type]:
-  """Optimiser name -> config schema (what :func:`~curvopt.experiment.config.load_config` needs)."""
+  """Optimiser name -> config schema (what :func:`~curvopt.launcher.config.load_config` needs)."""
   return {name: entry.schema for name, entry in OPTIMIZERS.items()}
 
 

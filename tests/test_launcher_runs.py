@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from curvopt.experiment import config as config_lib
-from curvopt.experiment import optimizers as opt_lib
-from curvopt.experiment import runner
+from curvopt.launcher import config as config_lib
+from curvopt.launcher import optimizers as opt_lib
+from curvopt.launcher import runner
 from experiments import run as RUN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -299,7 +299,7 @@ def test_resume_after_kill_9_matches_uninterrupted(tmp_path):
   # evaluation.
   kill_script = (
     "import os, sys\n"
-    "from curvopt.experiment import runner\n"
+    "from curvopt.launcher import runner\n"
     "from experiments import run\n"
     "def after_eval(n):\n"
     "  if n >= 10:\n"

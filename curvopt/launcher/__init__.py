@@ -16,12 +16,12 @@ for _module, _package in (
     _importlib.import_module(_module)
   except ModuleNotFoundError as _err:
     raise ModuleNotFoundError(
-      f"curvopt.experiment needs {_package}, one of the launcher's extras; install them with "
+      f"curvopt.launcher needs {_package}, one of the launcher's extras; install them with "
       "pip install -e '.[experiments]' (from a checkout) or pip install 'curvopt[experiments]'.",
       name=_module,
     ) from _err
 
-from curvopt.experiment.config import (  # noqa: E402
+from curvopt.launcher.config import (  # noqa: E402
   BudgetConfig,
   Config,
   ConfigError,
@@ -30,7 +30,7 @@ from curvopt.experiment.config import (  # noqa: E402
   Precision,
   load_config,
 )
-from curvopt.experiment.optimizers import (  # noqa: E402
+from curvopt.launcher.optimizers import (  # noqa: E402
   OPTIMIZERS,
   Method,
   OptimizerEntry,
@@ -39,7 +39,7 @@ from curvopt.experiment.optimizers import (  # noqa: E402
   register_optimizer,
   schema_from_signature,
 )
-from curvopt.experiment.runner import (  # noqa: E402
+from curvopt.launcher.runner import (  # noqa: E402
   RunHooks,
   RunResult,
   TaskEntry,
@@ -49,7 +49,7 @@ from curvopt.experiment.runner import (  # noqa: E402
   summarise,
   train,
 )
-from curvopt.experiment.tasks import Task  # noqa: E402
+from curvopt.launcher.tasks import Task  # noqa: E402
 
 __all__ = [
   "OPTIMIZERS",

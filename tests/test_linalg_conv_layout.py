@@ -1,4 +1,4 @@
-"""Tests for curvopt.linalg.layout: canonical convolutions give the same values, in loops too."""
+"""Tests for curvopt.linalg.conv_layout: canonical convolutions give the same values, in loops."""
 
 import re
 
@@ -9,7 +9,7 @@ import pytest
 
 from curvopt.curvature.products import ggn_fn
 from curvopt.linalg.cg import conjugate_gradient
-from curvopt.linalg.layout import canonical_convolutions
+from curvopt.linalg.conv_layout import canonical_convolutions
 
 _CANONICAL_2D = "b01f_01io->b01f"
 
