@@ -6,6 +6,14 @@ import os
 # jaxlib's CPU LAPACK calls (solve, Cholesky, eigh) spin-wait on OpenBLAS threads when the cores
 # are busy: one thread each keeps them at a few milliseconds. Set before numpy is imported.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# The suite is compile-bound (about ten thousand small programs): XLA's CPU backend without
+# LLVM's optimisation passes compiles a third faster. XLA's own HLO passes (fusion, algebraic
+# simplification) still run. An XLA_FLAGS that sets the level itself is kept. Set before the
+# backend starts, so the subprocesses of the tests inherit it too.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]
+  ).strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -42,12 +50,12 @@ def _precision(request, doctest_namespace):
 
 
 def pytest_collection_modifyitems(config, items):
-  """Long tests first, so that neither xdist worker is left running one alone at the end.
+  """The tests that read a multi-device subprocess (the module fixture ``sharded`` of
+  tests/test_sharding.py and tests/test_launcher_mesh.py, all in the long tier) first.
 
-  Tests marked ``slow`` (still run by CI; whole modules whose tests share a multi-device
-  subprocess fixture are marked) move to the front in their order, so one worker starts them
-  and runs each module fixture once; with ``--dist worksteal`` the idle worker then takes
-  tests from the end of the other's queue: the short ones.
+  They move to the front in their order, so one worker starts them and runs each module
+  fixture once; with ``--dist worksteal`` the idle worker takes tests from the end of the
+  other's queue, far from them.
   """
   del config
-  items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)
+  items.sort(key=lambda item: 0 if "sharded" in getattr(item, "fixturenames", ()) else 1)

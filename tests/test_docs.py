@@ -76,7 +76,7 @@ def _user_mode(tmp_path: pathlib.Path):
     jax.config.update("jax_enable_x64", previous_x64)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("path", RUNNABLE, ids=_name)
 def test_code_blocks_run(path, tmp_path):
   namespace = {"__name__": f"docs_{path.stem}"}
@@ -113,6 +113,8 @@ def test_readme_is_short_and_gives_the_two_commands_ci_runs():
   assert main in blocks and tests in blocks
   ci = (ROOT / ".ci" / "run").read_text().splitlines()
   assert 'pip install -q -e ".[test]"' in ci and "python -m pytest -q" in ci
+  # ... and then the long tier, which the README's command leaves out (pyproject's addopts).
+  assert ci.index("python -m pytest -q -m long") == ci.index("python -m pytest -q") + 1
 
 
 def test_every_public_name_is_in_the_api_reference():

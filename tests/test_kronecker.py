@@ -496,7 +496,7 @@ def _sharded_main():
   )
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_sharded_batch_gives_the_single_device_factors():
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1")
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"

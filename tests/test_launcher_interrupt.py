@@ -43,6 +43,7 @@ def _same_metrics(a, b):
   assert strip(a) == strip(b)
 
 
+@pytest.mark.long  # two launcher subprocesses (about 12 s): the long tier
 def test_ctrl_c_stops_with_a_checkpoint_and_the_resume_command_continues_identically(tmp_path):
   steps = 600
   args = [

@@ -21,9 +21,8 @@ import sys
 import pytest
 import yaml
 
-# The tests share one 4-device launcher subprocess (a module fixture): run them early.
-pytestmark = pytest.mark.slow
-
+# The tests that read the multi-device subprocess (a module fixture) are in the long tier;
+# the checks of the mesh section in this one-device process are not.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_PY = os.path.join(ROOT, "experiments", "run.py")
 NUM_DEVICES = 4
@@ -215,6 +214,7 @@ def _assert_same_metrics(actual, expected, rtol=1e-7, atol=1e-10):
         assert a[k] == v, (a["optimizer"], a["step"], k)
 
 
+@pytest.mark.long
 def test_sharded_run_equals_single_device(sharded):
   single = _records(sharded["runs"]["single"]["dir"])
   parallel = _records(sharded["runs"]["sharded"]["dir"])
@@ -229,10 +229,12 @@ def test_sharded_run_equals_single_device(sharded):
   assert "mesh:" not in sharded["runs"]["single"]["stdout"]
 
 
+@pytest.mark.long
 def test_sharded_run_compiles_each_loop_once(sharded):
   assert sharded["trace_counts"] == {"newton_cg": 1, "adam": 1, "dp_sgd": 1}
 
 
+@pytest.mark.long
 def test_null_num_devices_uses_every_device(sharded):
   out = sharded["runs"]["all_devices"]["stdout"]
   assert f"mesh: {{'data': {NUM_DEVICES}}}" in out
@@ -240,6 +242,7 @@ def test_null_num_devices_uses_every_device(sharded):
   _assert_same_metrics(_records(sharded["runs"]["all_devices"]["dir"]), single)
 
 
+@pytest.mark.long
 def test_sharded_resume_ends_like_uninterrupted_run(sharded):
   assert 0 < sharded["interrupted_records"] < len(_records(sharded["runs"]["sharded"]["dir"]))
   _assert_same_metrics(
@@ -247,6 +250,7 @@ def test_sharded_resume_ends_like_uninterrupted_run(sharded):
   )
 
 
+@pytest.mark.long
 def test_batch_is_split_and_reduced_params_replicated(sharded):
   one, many = sharded["layouts"]["1"], sharded["layouts"][str(NUM_DEVICES)]
   assert one["all_reduces"] == 0 and many["all_reduces"] > 0
@@ -265,6 +269,7 @@ def test_batch_is_split_and_reduced_params_replicated(sharded):
     ),
   ],
 )
+@pytest.mark.long
 def test_bad_mesh_rejected_before_any_work(sharded, tag, hint):
   error = sharded["errors"][tag]
   assert error["status"] == 2
@@ -272,7 +277,7 @@ def test_bad_mesh_rejected_before_any_work(sharded, tag, hint):
   assert not error["wrote"]  # rejected before the run directory was made
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_two_processes_equal_single_device(sharded, tmp_path):
   """``mesh.distributed``: 2 CPU processes x 2 devices run the launcher as one 4-device job."""
   path = tmp_path / "mesh.yaml"

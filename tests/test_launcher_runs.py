@@ -163,7 +163,7 @@ SMOKE_OVERRIDES = {
 @pytest.mark.parametrize(
   "path",
   [
-    p if p.endswith("logreg_quick.yaml") else pytest.param(p, marks=pytest.mark.slow)
+    p if p.endswith("logreg_quick.yaml") else pytest.param(p, marks=pytest.mark.long)
     for p in CONFIGS
   ],
   ids=[os.path.basename(p) for p in CONFIGS],
@@ -279,7 +279,7 @@ def _assert_same_metrics(a, b):
   assert sorted(strip(a), key=key) == sorted(strip(b), key=key)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_resume_after_kill_9_matches_uninterrupted(tmp_path):
   """A real subprocess is SIGKILLed mid-run, resumed with --resume, and ends identical."""
   args = [

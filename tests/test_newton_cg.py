@@ -69,7 +69,7 @@ def test_spd_quadratic_solved_in_one_step(use_jit):
   assert int(inner.num_rejected) == 0 and not bool(inner.negative_curvature)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_digits_logistic_regression_as_few_iterations_as_scipy():
   x, y = _digits()
   params = {"w": jnp.zeros((64, 10)), "b": jnp.zeros(10)}
@@ -280,7 +280,7 @@ def test_ggn_minibatches_as_data_kwargs_train_and_compile_once():
   assert int(state[0].count) == 32 and np.isfinite(float(state[0].rho))
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_chains_with_backtracking_linesearch_under_jit():
   params, x, y, model_fn, loss_fn = regression_problem(3)
   value_fn = lambda p, x, y: loss_fn(model_fn(p, x), y)
@@ -311,7 +311,7 @@ def test_chains_with_backtracking_linesearch_under_jit():
     assert np.all(np.diff(losses) <= 0) and losses[-1] < 0.5 * losses[0]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_flax_nnx_optimizer():
   from flax import nnx
 
@@ -562,7 +562,7 @@ def test_traced_hyperparameters_skip_construction_checks():
     newton_cg(curvature="hessian", damping=-1.0)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_flax_nnx_module_model_fn_with_batchnorm_without_split_merge():
   from flax import nnx
 

@@ -79,7 +79,7 @@ COMPOSITIONS = {
 }
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("start", list(STARTS))
 @pytest.mark.parametrize("composition", list(COMPOSITIONS))
 def test_optax_compositions_converge_with_defaults(composition, start):
@@ -93,7 +93,7 @@ def test_plain_loop_converges_with_defaults_rosenbrock10():
   assert _optax_loop(newton_cg(curvature="hessian"), STARTS["rosenbrock10"](), budget)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("start", list(STARTS))
 def test_optimistix_optax_minimiser_converges_with_defaults(start):
   optimistix = pytest.importorskip("optimistix")
@@ -107,7 +107,7 @@ def test_optimistix_optax_minimiser_converges_with_defaults(start):
   assert float(jnp.linalg.norm(solution.value - 1.0)) <= 1e-6
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("start", list(STARTS))
 def test_flax_nnx_optimizer_converges_with_defaults(start):
   nnx = pytest.importorskip("flax.nnx")

@@ -33,7 +33,7 @@ def test_problem_definitions_against_published_values():
   np.testing.assert_allclose(by_name["Beale"].objective(jnp.ones(2)), 14.203125)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("name", CHOSEN)
 def test_reaches_published_minimum_within_3x_scipy_newton_cg(name):
   problem = next(p for p in mgh.PROBLEMS if p.name == name)

@@ -273,6 +273,7 @@ def _xent_int(logits, y):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
+@pytest.mark.long  # an end-to-end training (about 10 s): the long tier
 def test_end_to_end_cnn_with_batchnorm_curvature_and_newton_cg():
   x, y = _digits_like()
   model = SmallCNN(nnx.Rngs(0))

@@ -202,7 +202,7 @@ def test_issue_reproduction_float64_convolution(method, chunk_size, depthwise):
 @pytest.mark.parametrize("method, chunk_size", METHODS)
 @pytest.mark.parametrize(
   "model",
-  ["mlp", *(pytest.param(m, marks=pytest.mark.slow) for m in ("cnn_depthwise", "transformer"))],
+  ["mlp", *(pytest.param(m, marks=pytest.mark.long) for m in ("cnn_depthwise", "transformer"))],
 )
 def test_nan_example_is_dropped_alone_and_nan_padding_changes_nothing(
   model, method, chunk_size, dtype

@@ -388,7 +388,7 @@ def test_dp_sgd_jit_compiles_once_over_poisson_batches():
   assert len(traces) == 1 and int(state[0].count) == 4
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_dp_sgd_logistic_regression_on_digits_beats_80_percent():
   from sklearn.datasets import load_digits
   from sklearn.model_selection import train_test_split

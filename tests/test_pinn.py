@@ -148,7 +148,7 @@ def test_resampled_points_change_every_step_and_are_reproducible():
   assert fixed.batch(key, jnp.int32(5)) is fixed.train_data
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("name", ["pinn_poisson2d", "pinn_heat", "pinn_poisson5d"])
 def test_config_quick_run_decreases_the_error(name, tmp_path):
   """A few Newton-CG steps of each config (small point sets) lower the L2 error.

@@ -24,8 +24,8 @@ import curvopt
 from curvopt import clipped_grad, clipped_sum_fn, dp_sgd, per_example_grads, sharding
 from curvopt.optimizers.newton_cg import newton_cg
 
-# The tests share one 4-device subprocess (a module fixture): run them early.
-pytestmark = pytest.mark.slow
+# The tests that read the multi-device subprocesses are in the long tier; the one-device check
+# of the helpers is not.
 
 NUM_DEVICES = 4
 BATCH = 32
@@ -271,6 +271,7 @@ def _close(actual, expected, what):
   np.testing.assert_allclose(actual, expected, rtol=1e-9, atol=1e-12, err_msg=what)
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("curvature", ["ggn", "hessian"])
 def test_newton_cg_sharded_equals_single_device(sharded, problem, curvature):
   arrays, facts = sharded
@@ -285,6 +286,7 @@ def test_newton_cg_sharded_equals_single_device(sharded, problem, curvature):
   assert not np.allclose(params["w1"], problem[0]["w1"])
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("curvature", ["ggn", "hessian"])
 def test_newton_cg_sharded_layout_and_one_program(sharded, curvature):
   _, facts = sharded
@@ -302,6 +304,7 @@ def test_newton_cg_sharded_layout_and_one_program(sharded, curvature):
   assert hlo["all-reduce"] >= 1
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("method", ["vmap", "ghost"])
 def test_clipped_grad_sharded_equals_single_device(sharded, problem, method):
   arrays, facts = sharded
@@ -320,6 +323,7 @@ def test_clipped_grad_sharded_equals_single_device(sharded, problem, method):
   _close(arrays[f"clip_{method}_norms"], np.array(loop), "loop norms")
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("method", ["vmap", "ghost"])
 def test_dp_sgd_sharded_equals_single_device(sharded, problem, method):
   arrays, facts = sharded
@@ -330,6 +334,7 @@ def test_dp_sgd_sharded_equals_single_device(sharded, problem, method):
   assert facts[f"dp_{method}_recompiles"] == 0
 
 
+@pytest.mark.long
 def test_newton_cg_model_sharded_params(sharded, problem):
   arrays, facts = sharded
   params, _, stats, _, _ = _run_newton("ggn", *problem)
@@ -346,6 +351,7 @@ def test_newton_cg_model_sharded_params(sharded, problem):
   assert facts["model_recompiles"] == 0
 
 
+@pytest.mark.long
 def test_shard_batch_rejects_indivisible_batch(sharded):
   _, facts = sharded
   assert "30 examples" in facts["indivisible_error"]
@@ -389,7 +395,7 @@ def _multihost_main(out_dir, process_id, port):
   jax.distributed.shutdown()
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_newton_cg_two_processes_equals_single_device(problem, tmp_path):
   """``jax.distributed`` with 2 CPU processes x 2 devices, each feeding half of the batch."""
   with socket.socket() as sock:
