@@ -92,8 +92,12 @@ def test_martens_diagonal_and_diagonal_preconditioner_against_loops():
   apply = damping.diagonal_preconditioner(diag, 0.1, exponent=0.75)
   r = {"a": jnp.ones(3), "b": jnp.full(1, 2.0)}
   out = apply(r)
-  np.testing.assert_allclose(out["a"], 1.0 / (np.asarray(diag["a"]) + 0.1) ** 0.75)
-  np.testing.assert_allclose(out["b"], 2.0 / (np.asarray(diag["b"]) + 0.1) ** 0.75)
+  floor = damping.DIAGONAL_FLOOR * max(float(np.max(d)) for d in diag.values())
+  np.testing.assert_allclose(out["a"], 1.0 / (np.asarray(diag["a"]) + 0.1 + floor) ** 0.75)
+  np.testing.assert_allclose(out["b"], 2.0 / (np.asarray(diag["b"]) + 0.1 + floor) ** 0.75)
+  # A zero entry with no damping stays finite: the floor is relative to the largest entry.
+  zero = damping.diagonal_preconditioner({"a": jnp.array([0.0, 4.0])}, 0.0, exponent=1.0)
+  np.testing.assert_allclose(zero({"a": jnp.ones(2)})["a"], [1 / 4e-4, 1 / (4 + 4e-4)])
 
 
 # ------------------------------------------------------------------------------ solvers

@@ -18,6 +18,7 @@ test, retries).
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -25,6 +26,13 @@ import jax.numpy as jnp
 import optax
 
 from curvopt._typing import Matvec, Params
+
+# The diagonal preconditioner's floor, relative to the diagonal's largest entry. Martens' diagonal
+# of squared gradients misses curvature the gradients do not see (a weight decay, a feature that
+# is almost always zero): without a floor its inverse there grows like 1/lambda^alpha as the
+# damping falls, and CG stalls (digits logistic regression with a 1e-12 damping floor: 368
+# updates instead of 18).
+DIAGONAL_FLOOR = 1e-4
 
 
 def reduction_ratio(actual: jax.Array, predicted: jax.Array) -> jax.Array:
@@ -188,10 +196,12 @@ def martens_diagonal(per_example_grads: Params) -> Params:
 def diagonal_preconditioner(
   diagonal: Params, damping: jax.Array, exponent: float | jax.Array = 0.75
 ) -> Matvec:
-  r"""``r -> M⁻¹ r`` with :math:`M = (\mathrm{diagonal} + \lambda)^\alpha` (Martens 2010 §4.7).
+  r"""``r -> M⁻¹ r`` with :math:`M = (\mathrm{diagonal} + \lambda + \epsilon \max
+  \mathrm{diagonal})^\alpha` (Martens 2010 §4.7).
 
   The exponent :math:`\alpha < 1` (Martens uses 0.75) tempers a diagonal that is only a rough
-  estimate of the curvature's.
+  estimate of the curvature's; the floor :math:`\epsilon` = ``DIAGONAL_FLOOR`` (1e-4) keeps
+  it from growing without bound where the diagonal is near zero and the damping small.
 
   Args:
     diagonal: non-negative pytree shaped like the parameters.
@@ -203,10 +213,12 @@ def diagonal_preconditioner(
 
   Examples:
     >>> apply = diagonal_preconditioner(jnp.array([3.0, 15.0]), 1.0, exponent=0.5)
-    >>> apply(jnp.array([2.0, 8.0])).tolist()
+    >>> [round(v, 3) for v in apply(jnp.array([2.0, 8.0])).tolist()]  # the floor: 1e-4 * 15
     [1.0, 2.0]
   """
-  m = jax.tree.map(lambda d: (d + damping) ** exponent, diagonal)
+  leaves = jax.tree.leaves(diagonal)
+  floor = DIAGONAL_FLOOR * functools.reduce(jnp.maximum, [jnp.max(d) for d in leaves])
+  m = jax.tree.map(lambda d: (d + damping + floor) ** exponent, diagonal)
 
   def apply(r: Any) -> Any:
     return jax.tree.map(lambda ri, mi: ri / mi.astype(ri.dtype), r, m)
@@ -287,7 +299,7 @@ class LevenbergMarquardt:
 
   init: float = 1.0
   adapt: bool = True
-  bounds: tuple[float, float] = (1e-8, 1e8)
+  bounds: tuple[float, float] = (1e-12, 1e8)
   increase: float = 1.5
   decrease: float = 1.0 / 3.0
   accept_ratio: float | None = 0.0
